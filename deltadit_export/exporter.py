@@ -1,0 +1,364 @@
+"""The export job: load the transformer, cut it, export each segment, check it, write the manifest.
+
+Order of work (every check that can fail fast runs before the model is loaded):
+options → weights located and config checked → cache key → reuse an identical earlier export, or
+build everything in a temporary folder → ONNX per segment + checker + ONNX Runtime parity →
+optional backend artifacts → manifest → swap the folder into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    SegmentSpec,
+    file_sha256,
+    load_manifest,
+    verify_segment_files,
+    write_manifest,
+)
+from runtime.schedule import Cuts, ScheduleError, build_schedule, default_cached_blocks
+
+from . import __version__
+from .models import (
+    DEFAULT_MODEL,
+    ModelError,
+    WeightsSource,
+    build_model,
+    caption_tokens,
+    check_resolution,
+    get_spec,
+    locate_weights,
+    random_config,
+    read_transformer_config,
+    weights_fingerprint,
+)
+from .progress import Progress
+from .publish import mark_owner, publish, recover, staging_dir
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16"}
+BACKENDS = ("onnx", "tensorrt", "torch")
+ENGINES_DIR = Path("engines")
+
+
+class OptionError(ValueError):
+    """An export option is out of range; the message names it and the valid range."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str = DEFAULT_MODEL
+    resolution: int | None = None  # None: the model's default
+    weights: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    cached_blocks: int | None = None  # None: round(0.75·L)
+    precision: str = "fp32"
+    out: str | None = None  # None: engines/<model>-<resolution>-<precision>
+    opset: int = 18
+    exporter: str = "torchscript"
+    max_batch: int = 4  # images per call; engines take up to 2× that (guidance doubles the batch)
+    num_steps: int | None = None  # default schedule recorded in the manifest; None: the model's
+    interval: int | None = None
+    boundary: int | None = None
+    backends: tuple[str, ...] = ("onnx",)
+    parity_batches: tuple[int, ...] = (1, 5)
+    force: bool = False
+    calibration: dict[str, Any] | None = None  # a calibration result to record (see calibrate.py)
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The options that change the artifacts (not where they go or whether to rebuild)."""
+        d = asdict(self)
+        for key in ("out", "force", "weights", "parity_batches"):
+            d.pop(key)
+        return d
+
+
+@dataclass
+class SegmentReport:
+    name: str
+    blocks: str
+    params: int
+    bytes: int
+    seconds: float
+    rel_err: float | None
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: Manifest
+    reused: bool
+    reports: list[SegmentReport] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.reused:
+            return f"reused the existing export at {self.out} (same weights and options; --force rebuilds)"
+        lines = [f"{'segment':<8} {'blocks':>8} {'params':>12} {'file MB':>9} {'export s':>9} {'max rel err':>12}"]
+        for r in self.reports:
+            err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
+            lines.append(f"{r.name:<8} {r.blocks:>8} {r.params:>12,} {r.bytes / 2**20:>9.1f} {r.seconds:>9.1f} {err:>12}")
+        total = sum(r.bytes for r in self.reports) / 2**20
+        lines.append(f"total {total:.1f} MB in {self.seconds:.1f} s → {self.out}")
+        return "\n".join(lines + self.notes)
+
+
+def default_out(model: str, resolution: int, precision: str) -> Path:
+    return ENGINES_DIR / f"{model}-{resolution}-{precision}"
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        rng = f"{low}..{high}" if high is not None else f"≥ {low}"
+        raise OptionError(f"{name}={value!r} is out of range: expected an integer {rng}")
+
+
+@dataclass(frozen=True)
+class ResolvedExport:
+    """Options with every default filled in and every value checked; nothing heavy loaded yet."""
+
+    options: ExportOptions
+    spec: Any
+    resolution: int
+    source: WeightsSource
+    config: dict[str, Any]
+    cuts: Cuts
+    schedule: dict[str, Any]
+    out: Path
+    cache_key: str
+
+
+def resolve(options: ExportOptions) -> ResolvedExport:
+    spec = get_spec(options.model)
+    resolution = options.resolution if options.resolution is not None else spec.default_resolution
+    if options.precision not in PRECISIONS:
+        raise OptionError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for b in options.backends:
+        if b not in BACKENDS:
+            raise OptionError(f"--backend {b!r} is not one of {', '.join(BACKENDS)}")
+    _check_int("--max-batch", options.max_batch, 1, 256)
+    _check_int("--opset", options.opset, 17, 20)
+    if options.weights and options.random_weights:
+        raise OptionError("--weights and --random-weights exclude each other: pick one")
+    if options.overrides and not options.random_weights:
+        raise OptionError("--set changes the architecture, so it needs --random-weights")
+    if options.random_weights:
+        config = random_config(spec, resolution, options.overrides)
+        check_resolution(spec, resolution, True, config.get("patch_size", 2))
+        source = WeightsSource("random", seed=options.seed, overrides=dict(options.overrides))
+    else:
+        check_resolution(spec, resolution, False)
+        source = locate_weights(spec, resolution, options.weights)
+        config = {k: v for k, v in read_transformer_config(Path(source.path)).items() if not k.startswith("_")}
+    num_layers = config.get("num_layers", 28)
+    try:
+        n_c = options.cached_blocks if options.cached_blocks is not None else default_cached_blocks(num_layers)
+        _check_int("--cached-blocks", n_c, 1, num_layers - 1)
+        cuts = Cuts(num_layers, n_c)
+        sched = dict(spec.default_schedule)
+        for key in ("num_steps", "interval", "boundary"):
+            if getattr(options, key) is not None:
+                sched[key] = getattr(options, key)
+        # Validates steps, interval and boundary the same way the runtime will.
+        build_schedule("delta-dit", num_layers=num_layers, cached_blocks=n_c, num_steps=sched["num_steps"],
+                       interval=sched["interval"], boundary=sched["boundary"])
+    except ScheduleError as exc:
+        raise OptionError(str(exc)) from None
+    sched = {"policy": "delta-dit", "cached_blocks": n_c, **sched}
+    out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
+    key_material = {
+        "options": options.cache_fields(),
+        "resolution": resolution,
+        "weights": weights_fingerprint(source, config),
+        "deltadit": __version__,
+        "format_version": FORMAT_VERSION,
+        "torch": _torch_version(),
+    }
+    cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
+    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def reusable(out: Path, cache_key: str) -> Manifest | None:
+    """The existing export at ``out`` if it was built from the same weights and options and is intact."""
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = load_manifest(out)
+        if manifest.export.get("cache_key") != cache_key:
+            return None
+        verify_segment_files(manifest)
+    except ManifestError:
+        return None
+    return manifest
+
+
+def _check_out_folder(out: Path) -> None:
+    """Never swap away a folder that is not ours: it may hold a user's files."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise OptionError(
+            f"--out {out} exists and is not a deltadit export (no {MANIFEST_NAME}); refusing to replace it. "
+            "Pass a new or empty folder"
+        )
+
+
+def export(options: ExportOptions, progress: Progress | None = None,
+           on_model_loaded: Callable[[Any], None] | None = None) -> ExportResult:
+    """Run the whole export. ``progress`` reports per-segment phases (stderr by default)."""
+    t0 = time.perf_counter()
+    progress = progress or Progress(stream=sys.stderr)
+    job = resolve(options)
+    notes = [f"note: {msg}" for msg in recover(job.out)]
+    _check_out_folder(job.out)
+    if not options.force:
+        existing = reusable(job.out, job.cache_key)
+        if existing is not None:
+            return ExportResult(job.out, existing, reused=True, seconds=time.perf_counter() - t0, notes=notes)
+    tmp = staging_dir(job.out)
+    mark_owner(tmp)
+    try:
+        result = _build(job, tmp, progress, on_model_loaded)
+        publish(tmp, job.out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = load_manifest(job.out)
+    return ExportResult(job.out, manifest, False, result, time.perf_counter() - t0, notes)
+
+
+def keep_norms_fp32(model) -> None:
+    """Run every LayerNorm in fp32 inside an fp16 model: fp16 LayerNorm after attention overflows (§4)."""
+    from torch import nn
+
+    class FP32LayerNorm(nn.Module):
+        def __init__(self, norm: nn.LayerNorm):
+            super().__init__()
+            self.norm = norm.float()
+
+        def forward(self, x):
+            return self.norm(x.float()).to(x.dtype)
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, FP32LayerNorm(child))
+
+
+def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) -> list[SegmentReport]:
+    import torch
+
+    from .onnx_export import ExportError, check_parity, export_segment
+    from .split import model_shape, random_model_inputs, run_segments, split_model
+
+    torch.set_grad_enabled(False)
+    dtype = PRECISIONS[job.options.precision]
+    progress.note(f"loading {job.spec.name} ({job.source.kind} weights)")
+    model = build_model(job.spec, job.source, job.config)
+    if on_model_loaded is not None:
+        on_model_loaded(model)
+    model_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    if dtype == "float16":
+        model = model.half()
+        keep_norms_fp32(model)
+    tokens = caption_tokens(job.spec)
+    segments = split_model(model, job.cuts, caption_tokens=tokens, dtype=dtype)
+    shape = model_shape(model, tokens)
+    torch_dtype = getattr(torch, dtype)
+    # Every segment is checked on its real inputs: the torch chain run on random model inputs.
+    batches = sorted(set(job.options.parity_batches) | {2})
+    chains = {b: run_segments(segments, random_model_inputs(shape, b, torch.Generator().manual_seed(b),
+                                                            dtype=torch_dtype)) for b in batches}
+    reports, specs = [], []
+    for seg in segments:
+        t = time.perf_counter()
+        feeds = {b: {**env, "hidden": env.get(f"hidden@{seg.name}", env["hidden"])} for b, env in chains.items()}
+        path = tmp / f"{seg.name}.onnx"
+        with progress.segment(seg.name, phases=("export", "parity")) as bar:
+            bar.phase("export")
+            try:
+                extra = export_segment(seg, feeds[2], path, opset=job.options.opset, exporter=job.options.exporter)
+            except Exception as exc:
+                raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
+            bar.phase("parity")
+            parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
+        size = path.stat().st_size + sum((tmp / e).stat().st_size for e in extra)
+        blocks = f"{seg.blocks[0]}-{seg.blocks[1] - 1}" if seg.blocks else "-"
+        reports.append(SegmentReport(seg.name, blocks, seg.params, size, time.perf_counter() - t,
+                                     max(p.rel_err for p in parity)))
+        specs.append(SegmentSpec(seg.name, seg.role, seg.blocks, path.name, file_sha256(path), seg.inputs,
+                                 seg.outputs, seg.params, tuple(extra)))
+    engines: dict[str, Any] = {}
+    for backend in job.options.backends:
+        if backend == "onnx":
+            continue
+        from .backends import build_backend_artifacts
+
+        engines[backend] = build_backend_artifacts(backend, job, segments, chains, tmp, progress)
+    conditioning: dict[str, Any]
+    if shape.family == "pixart":
+        conditioning = {"kind": "caption", "tokens": tokens, "channels": shape.caption_channels,
+                        "micro_conditions": shape.micro_conditions}
+        if job.spec.bundled:
+            conditioning["text_encoder"] = "text_encoder"
+    else:
+        conditioning = {"kind": "class", "num_classes": model.config.num_embeds_ada_norm, "null_class": 1000}
+    _copy_bundled_extras(job, tmp)
+    manifest = Manifest(
+        model={"name": job.spec.name, "family": shape.family, "diffusers_class": job.spec.diffusers_class,
+               "config": model_config, "source": job.source.to_dict(), "params": sum(p.numel() for p in model.parameters())},
+        resolution=job.resolution,
+        sample_shape=(shape.in_channels, shape.sample_size, shape.sample_size),
+        out_channels=shape.out_channels,
+        num_layers=job.cuts.num_layers,
+        cached_blocks=job.cuts.cached_blocks,
+        cuts={"a": job.cuts.a, "c": job.cuts.c},
+        schedule=job.schedule,
+        precision=job.options.precision,
+        max_batch=2 * job.options.max_batch,
+        conditioning=conditioning,
+        segments=tuple(specs),
+        export={"cache_key": job.cache_key, "exporter": job.options.exporter, "opset": job.options.opset,
+                "deltadit": __version__, "torch": torch.__version__, "tokens": shape.tokens,
+                "width": shape.width, "vae_scale_factor": job.spec.vae_scale_factor,
+                "parity": {r.name: r.rel_err for r in reports}},
+        engines=engines,
+        calibration=job.options.calibration,
+    )
+    write_manifest(manifest, tmp)
+    return reports
+
+
+def _copy_bundled_extras(job: ResolvedExport, tmp: Path) -> None:
+    """A shipped model's text encoder and scheduler configs travel with its engines (the runtime reads them)."""
+    import shutil
+
+    if not job.spec.bundled:
+        return
+    root = Path(job.source.path).parent if job.source.kind == "bundled" else None
+    if root is None:
+        from .models import PACKAGE_WEIGHTS
+
+        root = PACKAGE_WEIGHTS / job.spec.bundled
+    for sub in ("text_encoder", "scheduler"):
+        if (root / sub).is_dir():
+            shutil.copytree(root / sub, tmp / sub)

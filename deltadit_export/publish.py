@@ -1,0 +1,98 @@
+"""Write an export folder so that an interrupted export never leaves a half folder that looks complete.
+
+Everything is built in a hidden sibling ``.<name>.tmp-<pid>`` and only then swapped into place.
+The swap uses ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it (one atomic step); else two
+renames, with the previous folder parked as ``.<name>.old-<pid>`` in between. :func:`recover`
+runs before every export: it restores a parked folder whose swap was cut short and deletes stale
+temporaries, so a rerun after SIGKILL or a full disk starts clean.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where renameat2 is unavailable."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh hidden temporary folder next to ``out`` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def recover(out: Path) -> list[str]:
+    """Undo what an interrupted export left next to ``out``. Returns what was done, for the log."""
+    done: list[str] = []
+    if not out.parent.is_dir():
+        return done
+    for p in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            p.rename(out)
+            done.append(f"restored {out} from an interrupted swap")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        if _owner_alive(p):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed stale temporary {p.name}")
+    return done
+
+
+def _owner_alive(tmp: Path) -> bool:
+    """A temporary folder of a live export (another process) must not be deleted under it."""
+    pid_file = tmp / ".pid"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def mark_owner(tmp: Path) -> None:
+    (tmp / ".pid").write_text(str(os.getpid()))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out``, replacing what was there, never leaving neither."""
+    (tmp / ".pid").unlink(missing_ok=True)
+    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous export
+        return
+    parked = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, parked)
+    os.replace(tmp, out)
+    shutil.rmtree(parked, ignore_errors=True)
