@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -238,8 +239,6 @@ def export(options: ExportOptions, progress: Progress | None = None,
         result = _build(job, tmp, progress, on_model_loaded)
         publish(tmp, job.out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest = load_manifest(job.out)
@@ -300,7 +299,12 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
             except Exception as exc:
                 raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
             bar.phase("parity")
-            parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
+            try:
+                parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
+            except ExportError as exc:
+                kept = job.out.parent / f"{job.out.name}.{seg.name}.failed.onnx"
+                shutil.move(path, kept)
+                raise ExportError(f"{exc}; the failing ONNX is kept at {kept} for inspection") from None
         size = path.stat().st_size + sum((tmp / e).stat().st_size for e in extra)
         blocks = f"{seg.blocks[0]}-{seg.blocks[1] - 1}" if seg.blocks else "-"
         reports.append(SegmentReport(seg.name, blocks, seg.params, size, time.perf_counter() - t,
@@ -350,8 +354,6 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
 
 def _copy_bundled_extras(job: ResolvedExport, tmp: Path) -> None:
     """A shipped model's text encoder and scheduler configs travel with its engines (the runtime reads them)."""
-    import shutil
-
     if not job.spec.bundled:
         return
     root = Path(job.source.path).parent if job.source.kind == "bundled" else None

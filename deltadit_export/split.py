@@ -204,6 +204,12 @@ class Segment:
     outputs: tuple[TensorSpec, ...]
     blocks: tuple[int, int] | None = None
 
+    def __post_init__(self) -> None:
+        # A fresh wrapper module starts in training mode, and torch.onnx.export restores that mode
+        # recursively after tracing: the diffusers submodules would come back training (DiT's label
+        # dropout then drops classes at random). Inference modules are always in eval mode.
+        self.module.eval()
+
     @property
     def role(self) -> str:
         return "blocks" if self.blocks is not None else self.name

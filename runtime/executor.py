@@ -1,0 +1,207 @@
+"""DeltaDiTRuntime: load the engines a manifest names and execute one step plan per transformer call.
+
+The runtime object is shared and stateless between calls (engines are read-only once loaded);
+everything that belongs to one generation lives in its :class:`~runtime.generation.Generation`.
+So one runtime serves many generations at once, from many threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backends import Backend, BackendError, make_backend
+from .generation import Generation
+from .manifest import Manifest, ManifestError, TensorSpec, load_manifest, verify_segment_files
+from .schedule import Cuts, Schedule, StepPlan, build_schedule
+
+NAN_POLICIES = ("error", "fallback", "off")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32}
+
+
+class InputError(ValueError):
+    """A runtime input has the wrong name, shape, dtype or batch; the message names it, expected and given."""
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or Inf appeared in a segment's output; the message names the step and the segment."""
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    spec: TensorSpec
+    optional: bool  # filled by the runtime when absent (the caption mask: all tokens kept)
+
+
+class DeltaDiTRuntime:
+    """Runs an exported model. ``verify`` checks every file's sha256 before loading (``False`` skips it)."""
+
+    def __init__(self, folder: str | os.PathLike | Manifest, backend: str | Backend = "auto", *,
+                 verify: bool = True, nan_policy: str = "error", **backend_options):
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy={nan_policy!r} is not one of {NAN_POLICIES}")
+        self.manifest = folder if isinstance(folder, Manifest) else load_manifest(folder)
+        if verify:
+            verify_segment_files(self.manifest)
+        self.backend = make_backend(backend, **backend_options) if isinstance(backend, str) else backend
+        self.nan_policy = nan_policy
+        self.engines = {s.name: self.backend.load(self.manifest, s) for s in self.manifest.segments}
+        self.cuts = Cuts(self.manifest.num_layers, self.manifest.cached_blocks)
+        self.device = self.backend.device
+        self.dtype = self.backend.dtype
+        hidden = self.manifest.segment("embed").outputs[0]
+        self.token_shape = (int(hidden.shape[1]), int(hidden.shape[2]))
+        self.model_inputs = self._model_inputs()
+
+    # ------------------------------------------------------------ description
+
+    @property
+    def root(self) -> Path | None:
+        return self.manifest.root
+
+    def _model_inputs(self) -> dict[str, ModelInput]:
+        """Inputs of the whole model: what segments read that no earlier segment produces."""
+        produced = {"hidden"}
+        found: dict[str, ModelInput] = {}
+        for seg in self.manifest.segments:
+            for t in seg.inputs:
+                if t.name not in produced and t.name not in found:
+                    found[t.name] = ModelInput(t, optional=t.name == "encoder_attention_mask")
+            produced.update(t.name for t in seg.outputs)
+        return found
+
+    def schedule(self, policy: str = "delta-dit", *, num_steps: int | None = None, interval: int | None = None,
+                 boundary: int | None = None) -> Schedule:
+        """A schedule for this model; unset values come from the manifest's default schedule."""
+        d = self.manifest.schedule
+        num_steps = num_steps if num_steps is not None else d["num_steps"]
+        if boundary is None:
+            # The default boundary scales with T: b/T of the manifest's default (12/20 → 0.6·T).
+            boundary = d["boundary"] if num_steps == d["num_steps"] else round(d["boundary"] * num_steps / d["num_steps"])
+        return build_schedule(policy, num_steps=num_steps, num_layers=self.cuts.num_layers,
+                              cached_blocks=self.cuts.cached_blocks,
+                              interval=interval if interval is not None else d["interval"], boundary=boundary)
+
+    def new_generation(self, batch_size: int, schedule: Schedule | None = None, *, profile: bool = False) -> Generation:
+        """Fresh state (delta buffers) for one generation of ``batch_size`` rows (2× images with guidance)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= self.manifest.max_batch:
+            raise InputError(f"batch size {batch_size!r} is out of range: the engines were exported for 1.."
+                             f"{self.manifest.max_batch} (re-export with a larger --max-batch)")
+        schedule = schedule or self.schedule()
+        if schedule.cuts != self.cuts:
+            raise InputError(f"the schedule is for N_c={schedule.cached_blocks}, L={schedule.num_layers}, but the "
+                             f"engines were cut for N_c={self.cuts.cached_blocks}, L={self.cuts.num_layers}")
+        return Generation(schedule, batch_size, self.token_shape, self.device, self.dtype, profile=profile)
+
+    # ------------------------------------------------------------ inputs
+
+    def prepare_inputs(self, inputs: dict[str, torch.Tensor], batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Check names, shapes, dtypes and batch; cast floats to the engine dtype and move to the device."""
+        unknown = sorted(set(inputs) - set(self.model_inputs))
+        if unknown:
+            raise InputError(f"unknown input(s) {unknown}: this model takes {sorted(self.model_inputs)}")
+        feeds: dict[str, torch.Tensor] = {}
+        batch = batch_size
+        for name, mi in self.model_inputs.items():
+            value = inputs.get(name)
+            if value is None:
+                if mi.optional:
+                    continue
+                raise InputError(f"missing input {name!r} (shape {list(mi.spec.shape)}, {mi.spec.dtype})")
+            if not isinstance(value, torch.Tensor):
+                raise InputError(f"input {name!r} must be a torch.Tensor, got {type(value).__name__}")
+            if value.ndim == 0 and name == "timestep":
+                value = value.reshape(1)
+            if batch is None:
+                batch = int(value.shape[0]) if value.ndim else 0
+            expected = mi.spec.concrete_shape(batch)
+            if tuple(value.shape) != expected:
+                raise InputError(f"input {name!r} has shape {list(value.shape)}, expected {list(expected)} "
+                                 f"(batch {batch}; {list(mi.spec.shape)} in the manifest)")
+            want = TORCH_DTYPES[mi.spec.dtype]
+            if want.is_floating_point:
+                # Timesteps may come as integers (diffusers schedulers); anything else must be floating.
+                if not (value.dtype.is_floating_point or (name == "timestep" and not value.dtype.is_complex
+                                                          and value.dtype != torch.bool)):
+                    raise InputError(f"input {name!r} has dtype {value.dtype}, expected a floating dtype "
+                                     f"(the engines take {mi.spec.dtype})")
+                want = self.dtype
+            elif value.dtype.is_floating_point or value.dtype == torch.bool or value.dtype.is_complex:
+                raise InputError(f"input {name!r} has dtype {value.dtype}, expected an integer dtype ({mi.spec.dtype})")
+            feeds[name] = value.to(device=self.device, dtype=want)
+        if batch is None or not 1 <= batch <= self.manifest.max_batch:
+            raise InputError(f"batch {batch} is out of range: the engines were exported for 1..{self.manifest.max_batch}"
+                             " (re-export with a larger --max-batch)")
+        if "encoder_attention_mask" in self.model_inputs and "encoder_attention_mask" not in feeds:
+            spec = self.model_inputs["encoder_attention_mask"].spec
+            feeds["encoder_attention_mask"] = torch.ones(spec.concrete_shape(batch), device=self.device,
+                                                         dtype=self.dtype)
+        return feeds
+
+    # ------------------------------------------------------------ execution
+
+    def step(self, generation: Generation, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One transformer call at the generation's current step; returns the model output and advances."""
+        feeds = self.prepare_inputs(inputs, generation.batch_size)
+        plan = generation.current_plan()
+        try:
+            out = self._execute(generation, plan, feeds)
+        except NonFiniteError:
+            if self.nan_policy != "fallback" or plan.kind == "full":
+                raise
+            generation.nan_fallbacks.append(plan.index)
+            out = self._execute(generation, self._full_plan(generation, plan.index), feeds)
+        generation.advance()
+        return out
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One full-compute call (no cache), e.g. for parity checks."""
+        batch = next(iter(v for v in inputs.values() if isinstance(v, torch.Tensor))).shape[0]
+        gen = self.new_generation(int(batch), self.schedule("none", num_steps=1))
+        return self.step(gen, inputs)
+
+    def _full_plan(self, generation: Generation, index: int) -> StepPlan:
+        return StepPlan(index, "full", tuple(("run", s.name) for s in self.cuts.segments),
+                        generation.schedule.cached_ranges, self.cuts.num_layers)
+
+    def _run(self, generation: Generation, name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with generation.timed(name, self.backend.synchronize):
+            return self.engines[name].run(feeds)
+
+    def _check_finite(self, generation: Generation, name: str, tensor: torch.Tensor, plan: StepPlan) -> None:
+        if self.nan_policy != "off" and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"NaN/Inf in the output of segment {name!r} at step {plan.index} ({plan.kind}); check the inputs "
+                "for extreme values and the weights for corruption. nan_policy='fallback' recomputes cached steps "
+                "in full"
+            )
+
+    def _execute(self, generation: Generation, plan: StepPlan, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        env = dict(feeds)
+        env.update(self._run(generation, "embed", env))
+        self._check_finite(generation, "embed", env["hidden"], plan)
+        segments = {s.name: s for s in self.cuts.segments}
+        hidden = env["hidden"]
+        at: dict[int, torch.Tensor] = {0: hidden}  # hidden tokens at block boundaries
+        for verb, name in plan.actions:
+            if verb == "run":
+                hidden = self._run(generation, name, {**env, "hidden": hidden})["hidden_out"]
+                self._check_finite(generation, name, hidden, plan)
+                at[segments[name].end] = hidden
+            else:
+                start, end = self.cuts.range_bounds(name)
+                hidden = generation.reuse(name, at[start])
+                at[end] = hidden
+        for cache_range in plan.record:
+            start, end = self.cuts.range_bounds(cache_range)
+            generation.record(cache_range, at[end], at[start])
+        out = self._run(generation, "head", {**env, "hidden": hidden})["out"]
+        self._check_finite(generation, "head", out, plan)
+        return out
+
+
+__all__ = ["DeltaDiTRuntime", "InputError", "NonFiniteError", "BackendError", "ManifestError"]

@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from tiny import export_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pixart_export(tmp_path_factory) -> Path:
+    """A tiny PixArt-α export (6 blocks, N_c=4 → front/middle/rear = 2/2/2), shared read-only."""
+    return export_tiny(tmp_path_factory.mktemp("exports") / "pixart", "pixart-alpha")
+
+
+@pytest.fixture(scope="session")
+def dit_export(tmp_path_factory) -> Path:
+    """A tiny DiT-XL/2-shaped export (6 blocks), shared read-only."""
+    return export_tiny(tmp_path_factory.mktemp("exports") / "dit", "dit-xl-2")
