@@ -120,6 +120,24 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(f"unknown model {name!r}: expected one of {', '.join(sorted(REGISTRY))}") from None
 
 
+# Architecture fields that must be positive integers when given with --set.
+POSITIVE_INT_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
+                       "out_channels", "sample_size", "cross_attention_dim", "caption_channels")
+
+
+def check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
+    """--set keys must be config fields of the diffusers class; sizes must be positive integers."""
+    import inspect
+
+    params = set(inspect.signature(_model_class(spec).__init__).parameters) - {"self", "args", "kwargs"}
+    for key, value in overrides.items():
+        if key not in params:
+            raise ModelError(f"--set {key}=...: {key!r} is not a {spec.diffusers_class} config field; valid keys: "
+                             f"{', '.join(sorted(params))}")
+        if key in POSITIVE_INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ModelError(f"--set {key}={value!r}: expected a positive integer")
+
+
 def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """``--set key=value`` pairs; values are parsed as JSON (numbers, true/false, null) or kept as strings."""
     out: dict[str, Any] = {}
@@ -184,9 +202,16 @@ def read_transformer_config(folder: Path) -> dict[str, Any]:
             "pipeline folder or its transformer/ sub-folder, as written by save_pretrained"
         )
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path} is not valid JSON ({exc})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{config_path} is not valid JSON ({exc}); the weights folder is damaged: copy or "
+                         "save_pretrained it again") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {config_path}: {exc.strerror or exc}; check the folder's permissions") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_path} holds a JSON {type(config).__name__}, not a diffusers config object; the "
+                         "weights folder is damaged: copy or save_pretrained it again")
+    return config
 
 
 def check_config(spec: ModelSpec, config: dict[str, Any], resolution: int, where: str) -> None:
@@ -205,12 +230,39 @@ def check_config(spec: ModelSpec, config: dict[str, Any], resolution: int, where
             f"(is this a {'DiT' if norm == 'ada_norm_zero' else 'PixArt'} checkpoint? pick the matching --model)"
         )
     expected = spec.sample_size(resolution)
-    if config.get("sample_size") != expected:
+    size = config.get("sample_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ModelError(
-            f"{where} has sample_size {config.get('sample_size')} (resolution "
-            f"{config.get('sample_size', 0) * spec.vae_scale_factor}), but --resolution {resolution} needs "
-            f"sample_size {expected}; pass --resolution {config.get('sample_size', 0) * spec.vae_scale_factor}"
+            f"{where} has sample_size {size!r} in its config.json; expected a positive integer ({expected} for "
+            f"--resolution {resolution}): the config is damaged or not a {spec.diffusers_class} config"
         )
+    if size != expected:
+        raise ModelError(
+            f"{where} has sample_size {size} (resolution {size * spec.vae_scale_factor}), but --resolution "
+            f"{resolution} needs sample_size {expected}; pass --resolution {size * spec.vae_scale_factor}"
+        )
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+
+
+def check_weight_files(folder: Path, where: str) -> None:
+    """A config without weights fails deep inside diffusers; say so before any work starts."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(
+            f"{where} has a config.json but no weights (looked for {', '.join(WEIGHT_FILES[:2])} and their "
+            "sharded .index.json): the folder is incomplete; save_pretrained or download it again, or pass "
+            "--random-weights"
+        )
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment at call time (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
 
 
 def locate_weights(spec: ModelSpec, resolution: int, weights: str | os.PathLike | None) -> WeightsSource:
@@ -218,9 +270,15 @@ def locate_weights(spec: ModelSpec, resolution: int, weights: str | os.PathLike 
     if weights is not None:
         folder = Path(weights).expanduser()
         if not folder.is_dir():
-            raise ModelError(f"--weights {folder}: no such directory")
+            what = "is a file, not a directory" if folder.exists() else "does not exist"
+            raise ModelError(
+                f"--weights {folder} {what}: pass a local diffusers folder (a pipeline folder or its transformer/ "
+                "sub-folder, as written by save_pretrained), or leave --weights out to use the Hugging Face "
+                "cache, or pass --random-weights"
+            )
         folder = _transformer_folder(folder)
         check_config(spec, read_transformer_config(folder), resolution, f"--weights {folder}")
+        check_weight_files(folder, f"--weights {folder}")
         return WeightsSource("local", path=str(folder.resolve()))
     if spec.bundled:
         folder = PACKAGE_WEIGHTS / spec.bundled / "transformer"
@@ -236,19 +294,21 @@ def locate_weights(spec: ModelSpec, resolution: int, weights: str | os.PathLike 
         from huggingface_hub import snapshot_download
 
         root = snapshot_download(
-            repo_id, local_files_only=True, allow_patterns=["transformer/*", "model_index.json"]
+            repo_id, local_files_only=True, allow_patterns=["transformer/*", "model_index.json"],
+            cache_dir=hf_cache_dir(),
         )
     except Exception:  # LocalEntryNotFoundError and friends: nothing in the cache
         root = None
     if root is None or not (Path(root) / "transformer" / "config.json").is_file():
         raise ModelError(
             f"no local weights for {spec.name} at {resolution}: looked for {repo_id!r} in the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) and found "
+            f"({hf_cache_dir()}) and found "
             f"nothing (downloads are off). Either pass --weights DIR (a local diffusers folder of {repo_id}), or "
             "pass --random-weights to build the same architecture with seeded random weights"
         )
     folder = Path(root) / "transformer"
     check_config(spec, read_transformer_config(folder), resolution, f"cached {repo_id}")
+    check_weight_files(folder, f"cached {repo_id} ({folder})")
     return WeightsSource("hf-cache", path=str(folder), repo_id=repo_id)
 
 
@@ -264,6 +324,9 @@ def random_config(spec: ModelSpec, resolution: int, overrides: dict[str, Any]) -
         # The 1024 checkpoints take resolution and aspect-ratio micro-conditions; the others do not.
         config.setdefault("use_additional_conditions", config["sample_size"] == 128)
     config.update(overrides)
+    if spec.family == "pixart" and "cross_attention_dim" not in overrides:
+        # PixArt projects captions to the block width, so cross-attention keys come in at that width.
+        config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
     return config
 
 
@@ -284,11 +347,34 @@ def build_model(spec: ModelSpec, source: WeightsSource, config: dict[str, Any] |
             model = cls(**config)
         except TypeError as exc:
             raise ModelError(f"--set: {exc}; valid keys are the {spec.diffusers_class} config fields") from None
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            raise ModelError(f"--set: the {spec.diffusers_class} architecture cannot be built from these "
+                             f"values ({type(exc).__name__}: {exc}); check the --set values") from None
     else:
-        model = cls.from_pretrained(source.path, torch_dtype=torch.float32, local_files_only=True)
         if source.overrides:
             raise ModelError("--set only applies to --random-weights (it changes the architecture)")
+        try:
+            model = cls.from_pretrained(source.path, torch_dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError(
+                f"cannot load the {spec.diffusers_class} weights in {source.path} ({type(exc).__name__}: {first}); "
+                "the weight files are damaged or incomplete: save_pretrained or download them again"
+            ) from exc
     return model.eval().requires_grad_(False)
+
+
+def check_finite_weights(model, where: str) -> None:
+    """NaN/Inf in a checkpoint poisons every image; refuse it before exporting anything (names the tensor)."""
+    import torch
+
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelError(
+                f"{where}: weight {name!r} holds {bad} NaN/Inf value(s) of {tensor.numel()}; the checkpoint is "
+                "corrupted: download or save_pretrained it again (or pass --random-weights)"
+            )
 
 
 def weights_fingerprint(source: WeightsSource, config: dict[str, Any]) -> str:
