@@ -336,7 +336,12 @@ def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
         from runtime import DeltaDiTRuntime
         from runtime.sampling import generate
 
-        rt = DeltaDiTRuntime(root, backend=spec["backend"], threads=threads)
+        # The thread count is an option of the CPU backend only (auto passes it on to the candidates that take it).
+        options = {"threads": threads} if spec["backend"] in ("auto", "onnxruntime") else {}
+        rt = DeltaDiTRuntime(root, backend=spec["backend"], **options)
+        if rt.device.type != "cpu":
+            progress(f"warning: the runtime runs on {rt.device} but the eager baseline on the CPU: the speedups "
+                     "against eager are not like for like")
         schedule = rt.schedule(RUNTIME_POLICY[mode], num_steps=T, interval=N, boundary=b)
         result.update(threads={**result["threads"], "onnxruntime": threads}, backend=rt.backend.name,
                       device=str(rt.device), block_runs=schedule.block_runs, bound=schedule.bound,
@@ -398,7 +403,16 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--spec", required=True, help="JSON file written by the parent")
     p.add_argument("--result", required=True, help="where this worker writes its JSON result")
     a = p.parse_args(argv)
-    result = run_worker(a.mode, json.loads(Path(a.spec).read_text()))
+    from runtime import InputError, ManifestError, ScheduleError
+    from runtime.backends import BackendError
+
+    from .models import ModelError
+
+    try:
+        result = run_worker(a.mode, json.loads(Path(a.spec).read_text()))
+    except (BackendError, InputError, ManifestError, ModelError, ScheduleError) as exc:  # complete messages
+        print(f"[bench] {a.mode}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     Path(a.result).write_text(json.dumps(result))
     return 0
 
@@ -417,7 +431,7 @@ class BenchSettings:
     threads: int | None = None  # None: os.cpu_count()
     seed: int = 0
     prompt: str = DEFAULT_PROMPT
-    backend: str = "auto"
+    backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
     modes: tuple[str, ...] = MODES
 
 
@@ -435,8 +449,7 @@ def _spawn(mode: str, spec_path: Path, out_dir: Path) -> dict[str, Any]:
     if proc.stdout:
         sys.stderr.write(proc.stdout)
     if proc.returncode != 0 or not result_path.is_file():
-        raise BenchError(f"the {mode} worker failed (exit code {proc.returncode}); its error is printed above. "
-                         f"Rerun it alone: {' '.join(cmd)}")
+        raise BenchError(f"the {mode} worker failed (exit code {proc.returncode}); its error is printed above")
     return json.loads(result_path.read_text())
 
 
@@ -615,6 +628,8 @@ def format_report(r: dict[str, Any]) -> str:
         "loop, torch.inference_mode(), eval(), same scheduler, latents and conditioning",
         f"  threads: torch {th['torch']}, onnxruntime intra-op {th['onnxruntime_intra_op']} (os.cpu_count() = "
         f"{th['os_cpu_count']}); each mode in its own process; {c['warmup']} warm-up, median of {c['repeats']} runs",
+        *[f"  runtime: backend {rt['backend']} on {rt['device']}; eager on cpu" for rt in
+          [r["modes"].get("none") or r["modes"].get("delta-dit")] if rt],
         f"  {mi['cpu']}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, diffusers {v.get('diffusers')}"
         + (f"; load avg {mi['loadavg_start'][0]:.2f} at start, {mi['loadavg_end'][0]:.2f} at end"
            if mi.get("loadavg_start") and mi.get("loadavg_end") else ""),
@@ -745,7 +760,8 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the latents and conditioning.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
-@click.option("--backend", default="auto", show_default=True, help="Runtime backend (auto, onnxruntime).")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="Runtime backend (onnxruntime: the CPU, like the eager baseline; auto: the fastest usable).")
 @click.option("--modes", default=",".join(MODES), show_default=True,
               help="Comma-separated subset of eager,none,delta-dit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -762,6 +778,10 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
     if bad or not selected:
         raise click.BadParameter(f"{bad or modes!r}: expected a comma-separated subset of {','.join(MODES)}",
                                  param_hint="'--modes'")
+    from runtime.backends import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise click.BadParameter(f"{backend!r} is not auto or one of {', '.join(BACKENDS)}", param_hint="'--backend'")
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise click.BadParameter(f"the folder of {json_path} does not exist", param_hint="'--json'")
     folder = _engines_folder(ctx, engines, export_flags, quiet)

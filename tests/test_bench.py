@@ -162,6 +162,8 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(pixart_export, tmp_path):
     assert r.exit_code == 2 and "--engines" in r.output and "--model" in r.output
     r = runner.invoke(bench.cli, ["--engines", str(pixart_export), "--modes", "eager,fast"])
     assert r.exit_code == 2 and "--modes" in r.output
+    r = runner.invoke(bench.cli, ["--engines", str(pixart_export), "--backend", "fastest"])
+    assert r.exit_code == 2 and "--backend" in r.output
     r = runner.invoke(bench.cli, ["--engines", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "--engines" in r.output
     r = runner.invoke(bench.cli, ["--engines", str(tmp_path)])  # a folder without manifest.json
