@@ -298,6 +298,11 @@ def build_schedule(
     return make_policy(name=policy, interval=interval, boundary=boundary, num_steps=num_steps).plan(num_steps, cuts)
 
 
+def scaled_boundary(boundary: int, for_steps: int, num_steps: int) -> int:
+    """A default boundary given for ``for_steps`` steps, moved to ``num_steps``: b/T is kept (12/20 → 0.6·T)."""
+    return boundary if num_steps == for_steps else round(boundary * num_steps / for_steps)
+
+
 def bound(num_steps: int, num_layers: int, cached_blocks: int, interval: int) -> float:
     """The ideal speedup T·L / (F·L + C·(L−N_c)) of DESIGN.md §2."""
     full = len(range(0, num_steps, interval))
