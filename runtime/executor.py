@@ -47,7 +47,8 @@ class DeltaDiTRuntime:
         self.manifest = folder if isinstance(folder, Manifest) else load_manifest(folder)
         if verify:
             verify_segment_files(self.manifest)
-        self.backend = make_backend(backend, **backend_options) if isinstance(backend, str) else backend
+        self.backend = (make_backend(backend, manifest=self.manifest, **backend_options) if isinstance(backend, str)
+                        else backend)
         self.nan_policy = nan_policy
         self.engines = {s.name: self.backend.load(self.manifest, s) for s in self.manifest.segments}
         self.cuts = Cuts(self.manifest.num_layers, self.manifest.cached_blocks)

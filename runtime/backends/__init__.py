@@ -1,36 +1,69 @@
 """Engine backends and how one is chosen.
 
-``make_backend(name)`` builds a backend by name; ``auto`` picks the fastest one that is usable here.
+``make_backend(name, **options)`` builds a backend by name; ``auto`` picks the fastest one that is usable
+here: TensorRT, then ONNX Runtime's CUDA provider, then the torch backend on CUDA, then ONNX Runtime on
+the CPU. A candidate is skipped when its libraries or a GPU are missing (its constructor raises
+BackendError) or, given the ``manifest``, when the export lacks its artifacts (no TensorRT engines,
+no torch programs). Options a candidate does not take (``threads`` for the CPU, ``cuda_graphs`` for
+the GPU) are passed only to the candidates that take them.
+
 Each backend module is imported only when chosen, so a CPU-only install never imports CUDA code.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from .base import Backend, BackendError, SegmentEngine
 
 # name -> (module, class). Order of preference for "auto" is AUTO_ORDER.
 BACKENDS: dict[str, tuple[str, str]] = {
+    "tensorrt": ("runtime.backends.tensorrt_backend", "TensorRTBackend"),
+    "onnxruntime-cuda": ("runtime.backends.ort_cuda_backend", "OrtCudaBackend"),
+    "torch-cuda": ("runtime.backends.torch_backend", "TorchCudaBackend"),
+    "torch": ("runtime.backends.torch_backend", "TorchBackend"),  # device="cpu" | "cuda" (default: cuda if any)
     "onnxruntime": ("runtime.backends.onnxruntime_backend", "OnnxRuntimeCpuBackend"),
 }
-AUTO_ORDER = ("onnxruntime",)
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
 
 
-def make_backend(name: str = "auto", **options: Any) -> Backend:
+def backend_class(name: str) -> type:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}: expected auto or one of {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
+def make_backend(name: str = "auto", manifest=None, **options: Any) -> Backend:
+    """Build backend ``name`` (or the best usable one for ``auto``, for ``manifest`` when given)."""
     if name == "auto":
         errors = []
         for candidate in AUTO_ORDER:
             try:
-                return make_backend(candidate, **options)
+                cls = backend_class(candidate)
+                missing = getattr(cls, "missing_artifacts", None)
+                reason = missing(manifest) if (missing is not None and manifest is not None) else None
+                if reason:
+                    errors.append(f"{candidate}: {reason}")
+                    continue
+                return cls(**_accepted(cls, options))
             except BackendError as exc:
                 errors.append(f"{candidate}: {exc}")
         raise BackendError("no usable backend: " + "; ".join(errors))
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: expected auto or one of {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(**options)
+    cls = backend_class(name)
+    unknown = sorted(set(options) - set(_accepted(cls, options)))
+    if unknown:
+        raise BackendError(f"backend {name!r} takes no option(s) {unknown}")
+    return cls(**options)
 
 
-__all__ = ["Backend", "BackendError", "SegmentEngine", "make_backend", "BACKENDS"]
+__all__ = ["Backend", "BackendError", "SegmentEngine", "make_backend", "backend_class", "BACKENDS", "AUTO_ORDER"]
