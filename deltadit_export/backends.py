@@ -56,6 +56,29 @@ def build_backend_artifacts(backend, job, segments, chains, tmp, progress) -> di
     raise BackendUnavailable(f"backend {backend!r} has no artifact builder: expected torch or tensorrt")
 
 
+def preflight(backend: str) -> None:
+    """Fail fast, before any model is loaded, when ``backend``'s artifacts cannot be built here.
+
+    Meant for the exporter's option check (``resolve``): without it, ``--backend tensorrt`` on a machine
+    without TensorRT only fails after the whole ONNX export.
+    """
+    if backend == "tensorrt":
+        import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("--backend tensorrt builds engines on the GPU they will run on, and torch sees "
+                                     "no CUDA device here")
+    elif backend == "torch":
+        import torch
+
+        if not hasattr(torch, "export") or not hasattr(torch.export, "save"):
+            raise BackendUnavailable(f"--backend torch needs torch.export (torch ≥ 2.5), this is torch "
+                                     f"{torch.__version__}")
+    elif backend != "onnx":
+        raise BackendUnavailable(f"backend {backend!r} has no artifact builder: expected torch or tensorrt")
+
+
 # ---------------------------------------------------------------- pure helpers (tested without a GPU)
 
 
@@ -293,8 +316,8 @@ def build_tensorrt_engines(job, segments, tmp: Path, progress) -> dict[str, Any]
     version = trt.__version__
     mode = trt_precision_mode(version, job.options.precision)
     if not torch.cuda.is_available():
-        raise BackendUnavailable("--backend tensorrt builds engines on the GPU they will run on, and torch sees no "
-                                 "CUDA device here")
+        raise BackendUnavailable("--backend tensorrt builds engines on the GPU they will run on, and torch sees "
+                                 "no CUDA device here")
     device_name = torch.cuda.get_device_name()
     cc = torch.cuda.get_device_capability()
     max_batch = 2 * job.options.max_batch

@@ -294,6 +294,16 @@ def test_tensorrt_export_without_tensorrt_names_the_extra():
         B.build_backend_artifacts("tensorrt", None, [], {}, Path("."), None)
 
 
+@pytest.mark.skipif(HAS_TRT and HAS_CUDA, reason="TensorRT and a GPU are here: the preflight passes")
+def test_preflight_fails_fast_without_tensorrt_and_passes_for_torch_and_onnx():
+    with pytest.raises(B.BackendUnavailable, match="tensorrt"):
+        B.preflight("tensorrt")
+    B.preflight("torch")
+    B.preflight("onnx")
+    with pytest.raises(B.BackendUnavailable, match="torch or tensorrt"):
+        B.preflight("openvino")
+
+
 def test_unknown_artifact_backend_is_refused():
     with pytest.raises(B.BackendUnavailable, match="torch or tensorrt"):
         B.build_backend_artifacts("openvino", None, [], {}, Path("."), None)
@@ -320,6 +330,7 @@ def test_torch_programs_are_traced_in_eval_mode(tmp_path):
     from deltadit_export.progress import Progress
     from runtime.backends.torch_backend import load_program
 
+    previous = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     try:
         model = tiny_dit(num_layers=2)
@@ -338,7 +349,7 @@ def test_torch_programs_are_traced_in_eval_mode(tmp_path):
         assert rel(head.module(*args), load_program(tmp_path / "head.pt2", torch.device("cpu"))(*args)) <= \
             TOL_SAME_KERNELS
     finally:
-        torch.set_grad_enabled(True)
+        torch.set_grad_enabled(previous)
 
 
 def test_torch_programs_move_to_another_device(torch_export):
@@ -382,6 +393,21 @@ def test_torch_backend_runs_the_delta_dit_schedule_like_onnxruntime(torch_rt, or
         a, b = torch_rt.step(gen_t, feeds), ort_rt.step(gen_o, feeds)
         assert rel(b, a) <= TOL_ORT, f"step {i}"
     assert gen_t.done and set(gen_t.recorded) == {"front", "rear"}
+
+
+def test_torch_backend_serves_two_threads_at_once(torch_rt):
+    """Two generations in flight (a service's threads) share one runtime and its loaded programs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = rebuild_model(torch_rt.root)
+    shape = model_shape(model, torch_rt.manifest.conditioning["tokens"])
+    feeds = [random_model_inputs(shape, 1 + i % 2, torch.Generator().manual_seed(200 + i)) for i in range(6)]
+    alone = [torch_rt.forward(f) for f in feeds]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(torch_rt.forward, feeds))
+    # Thread scheduling may change a kernel's blocking, not the result beyond rounding; mixing up two
+    # requests' data would be an O(1) error.
+    assert max(rel(a, b) for a, b in zip(alone, together)) <= TOL_SAME_KERNELS
 
 
 def test_torch_backend_without_programs_says_how_to_export_them(torch_export, tmp_path):
