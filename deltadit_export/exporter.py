@@ -8,6 +8,7 @@ optional backend artifacts → manifest → swap the folder into place.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -28,7 +29,7 @@ from runtime.manifest import (
     verify_segment_files,
     write_manifest,
 )
-from runtime.schedule import Cuts, ScheduleError, build_schedule, default_cached_blocks
+from runtime.schedule import Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
 from . import __version__
 from .models import (
@@ -37,6 +38,8 @@ from .models import (
     WeightsSource,
     build_model,
     caption_tokens,
+    check_finite_weights,
+    check_overrides,
     check_resolution,
     get_spec,
     locate_weights,
@@ -49,7 +52,11 @@ from .publish import mark_owner, publish, recover, staging_dir
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 BACKENDS = ("onnx", "tensorrt", "torch")
+EXPORTERS = ("torchscript", "dynamo")
 ENGINES_DIR = Path("engines")
+
+
+ExportErrorType = RuntimeError  # onnx_export.ExportError, imported lazily (it imports torch)
 
 
 class OptionError(ValueError):
@@ -121,10 +128,10 @@ def default_out(model: str, resolution: int, precision: str) -> Path:
     return ENGINES_DIR / f"{model}-{resolution}-{precision}"
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+def _check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         rng = f"{low}..{high}" if high is not None else f"≥ {low}"
-        raise OptionError(f"{name}={value!r} is out of range: expected an integer {rng}")
+        raise OptionError(f"{name}={value!r} is out of range: expected an integer {rng}{hint}")
 
 
 @dataclass(frozen=True)
@@ -145,51 +152,89 @@ class ResolvedExport:
 def resolve(options: ExportOptions) -> ResolvedExport:
     spec = get_spec(options.model)
     resolution = options.resolution if options.resolution is not None else spec.default_resolution
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+        raise OptionError(f"--resolution={resolution!r} is out of range: expected a positive integer "
+                          f"({', '.join(map(str, spec.resolutions))} for the published {spec.name} weights)")
     if options.precision not in PRECISIONS:
         raise OptionError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
     for b in options.backends:
         if b not in BACKENDS:
             raise OptionError(f"--backend {b!r} is not one of {', '.join(BACKENDS)}")
+    if options.exporter not in EXPORTERS:
+        raise OptionError(f"--exporter {options.exporter!r} is not one of {', '.join(EXPORTERS)}")
     _check_int("--max-batch", options.max_batch, 1, 256)
     _check_int("--opset", options.opset, 17, 20)
+    if options.exporter == "dynamo" and options.opset < 18:
+        raise OptionError(f"--exporter dynamo needs --opset 18..20, got {options.opset}")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed < 2**63:
+        raise OptionError(f"--seed={options.seed!r} is out of range: expected an integer 0..2^63-1")
+    if not isinstance(options.overrides, dict):
+        raise OptionError(f"overrides must be a dict of config fields, got {type(options.overrides).__name__}")
     if options.weights and options.random_weights:
         raise OptionError("--weights and --random-weights exclude each other: pick one")
     if options.overrides and not options.random_weights:
         raise OptionError("--set changes the architecture, so it needs --random-weights")
     if options.random_weights:
+        check_overrides(spec, options.overrides)
         config = random_config(spec, resolution, options.overrides)
         check_resolution(spec, resolution, True, config.get("patch_size", 2))
         source = WeightsSource("random", seed=options.seed, overrides=dict(options.overrides))
     else:
-        check_resolution(spec, resolution, False)
+        # A local folder may hold any size of these classes: its config decides (checked in locate_weights);
+        # the Hugging Face cache only has the published resolutions.
+        check_resolution(spec, resolution, options.weights is not None)
         source = locate_weights(spec, resolution, options.weights)
         config = {k: v for k, v in read_transformer_config(Path(source.path)).items() if not k.startswith("_")}
     num_layers = config.get("num_layers", 28)
-    try:
-        n_c = options.cached_blocks if options.cached_blocks is not None else default_cached_blocks(num_layers)
-        _check_int("--cached-blocks", n_c, 1, num_layers - 1)
-        cuts = Cuts(num_layers, n_c)
-        sched = dict(spec.default_schedule)
-        for key in ("num_steps", "interval", "boundary"):
-            if getattr(options, key) is not None:
-                sched[key] = getattr(options, key)
-        # Validates steps, interval and boundary the same way the runtime will.
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+        raise OptionError(f"num_layers={num_layers!r} in the model config: expected an integer ≥ 2 (the cache "
+                          "needs at least one cached and one uncached block)")
+    n_c = options.cached_blocks if options.cached_blocks is not None else default_cached_blocks(num_layers)
+    _check_int("--cached-blocks", n_c, 1, num_layers - 1, f" (N_c must leave at least one of the L={num_layers} "
+               "blocks uncached)")
+    cuts = Cuts(num_layers, n_c)
+    sched = dict(spec.default_schedule)
+    for key in ("num_steps", "interval", "boundary"):
+        if getattr(options, key) is not None:
+            sched[key] = getattr(options, key)
+    _check_int("--steps", sched["num_steps"], 1)
+    _check_int("--interval", sched["interval"], 1, None, " (a full step every N steps)")
+    if options.boundary is None and options.num_steps is not None:
+        # The default boundary scales with T (12 of 20), by the runtime's rule.
+        d = spec.default_schedule
+        sched["boundary"] = scaled_boundary(d["boundary"], d["num_steps"], sched["num_steps"])
+    _check_int("--boundary", sched["boundary"], 0, sched["num_steps"], f" (the boundary step b, with "
+               f"--steps {sched['num_steps']})")
+    try:  # the runtime's own validation, as a last guard
         build_schedule("delta-dit", num_layers=num_layers, cached_blocks=n_c, num_steps=sched["num_steps"],
                        interval=sched["interval"], boundary=sched["boundary"])
     except ScheduleError as exc:
         raise OptionError(str(exc)) from None
     sched = {"policy": "delta-dit", "cached_blocks": n_c, **sched}
     out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
+    # The key is built from resolved values, so `--resolution 512` and the default 512 share one export.
+    fields = options.cache_fields()
+    fields.update(resolution=resolution, cached_blocks=n_c, num_steps=sched["num_steps"],
+                  interval=sched["interval"], boundary=sched["boundary"], backends=sorted(set(options.backends)))
     key_material = {
-        "options": options.cache_fields(),
-        "resolution": resolution,
+        "options": fields,
         "weights": weights_fingerprint(source, config),
         "deltadit": __version__,
         "format_version": FORMAT_VERSION,
         "torch": _torch_version(),
+        "diffusers": _package_version("diffusers"),
     }
     cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
     return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "none"
 
 
 def _torch_version() -> str:
@@ -227,22 +272,60 @@ def export(options: ExportOptions, progress: Progress | None = None,
     t0 = time.perf_counter()
     progress = progress or Progress(stream=sys.stderr)
     job = resolve(options)
-    notes = [f"note: {msg}" for msg in recover(job.out)]
+    try:
+        notes = [f"note: {msg}" for msg in recover(job.out)]
+    except OSError as exc:
+        raise _disk_error(exc, job.out, "cleaning up after an interrupted export") from exc
     _check_out_folder(job.out)
     if not options.force:
         existing = reusable(job.out, job.cache_key)
         if existing is not None:
             return ExportResult(job.out, existing, reused=True, seconds=time.perf_counter() - t0, notes=notes)
-    tmp = staging_dir(job.out)
-    mark_owner(tmp)
+    tmp: Path | None = None
     try:
+        tmp = staging_dir(job.out)
+        mark_owner(tmp)
         result = _build(job, tmp, progress, on_model_loaded)
         publish(tmp, job.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os_error = _os_error_in(exc)
+        if os_error is not None:
+            raise _disk_error(os_error, job.out, "writing the export") from exc
         raise
     manifest = load_manifest(job.out)
     return ExportResult(job.out, manifest, False, result, time.perf_counter() - t0, notes)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind an export failure (the ONNX exporter wraps them), if any."""
+    if isinstance(exc, (ModelError, OptionError, ManifestError)):
+        return None  # complete user errors already
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _disk_error(exc: OSError, out: Path, doing: str) -> ExportErrorType:
+    """A file-system failure as a user error: what happened, where, that the old export is intact, the fix."""
+    from .onnx_export import ExportError
+
+    where = exc.filename or out.parent
+    kept = f"the previous export at {out} is untouched" if (out / MANIFEST_NAME).is_file() else \
+        f"nothing was written to {out}"
+    if exc.errno in DISK_FULL:
+        return ExportError(f"disk full while {doing} ({where}: {exc.strerror}); {kept} and the partial files were "
+                           f"removed. Free space on the file system of {out.parent} (or pass --out on another "
+                           "disk) and rerun")
+    return ExportError(f"file-system error while {doing} ({where}: {exc.strerror or exc}); {kept}. Check that "
+                       f"{out.parent} is writable and on a local file system, then rerun")
 
 
 def keep_norms_fp32(model) -> None:
@@ -273,6 +356,7 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
     dtype = PRECISIONS[job.options.precision]
     progress.note(f"loading {job.spec.name} ({job.source.kind} weights)")
     model = build_model(job.spec, job.source, job.config)
+    check_finite_weights(model, f"{job.spec.name} weights ({job.source.path or 'random'})")
     if on_model_loaded is not None:
         on_model_loaded(model)
     model_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
@@ -310,7 +394,7 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         reports.append(SegmentReport(seg.name, blocks, seg.params, size, time.perf_counter() - t,
                                      max(p.rel_err for p in parity)))
         specs.append(SegmentSpec(seg.name, seg.role, seg.blocks, path.name, file_sha256(path), seg.inputs,
-                                 seg.outputs, seg.params, tuple(extra)))
+                                 seg.outputs, seg.params, tuple(extra), {e: file_sha256(tmp / e) for e in extra}))
     engines: dict[str, Any] = {}
     for backend in job.options.backends:
         if backend == "onnx":

@@ -31,10 +31,20 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def staging_dir(out: Path) -> Path:
     """A fresh hidden temporary folder next to ``out`` (same filesystem, so the final rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes it 0700; the published folder must be readable like any folder the user makes
+    # (a service often runs the engines as another user).
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def recover(out: Path) -> list[str]:
@@ -56,12 +66,22 @@ def recover(out: Path) -> list[str]:
     return done
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot) from /proc, to tell a reused pid apart; None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _owner_alive(tmp: Path) -> bool:
     """A temporary folder of a live export (another process) must not be deleted under it."""
     pid_file = tmp / ".pid"
     try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
+        fields = pid_file.read_text().split()
+        pid = int(fields[0])
+    except (OSError, ValueError, IndexError):
         return False
     if pid == os.getpid():
         return False
@@ -69,11 +89,32 @@ def _owner_alive(tmp: Path) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    if len(fields) > 1 and _start_time(pid) not in (None, fields[1]):
+        return False  # the pid was reused by another process: the export that owned this folder is gone
+    try:  # a killed export that nobody has reaped yet is a zombie: not alive
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        pass
     return True
 
 
 def mark_owner(tmp: Path) -> None:
-    (tmp / ".pid").write_text(str(os.getpid()))
+    pid = os.getpid()
+    (tmp / ".pid").write_text(f"{pid} {_start_time(pid) or ''}".strip())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -86,13 +127,21 @@ def publish(tmp: Path, out: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    _fsync_dir(tmp)
     if not out.exists():
         os.replace(tmp, out)
+        _fsync_dir(out.parent)
         return
     if _exchange(tmp, out):
+        _fsync_dir(out.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous export
         return
     parked = out.parent / f".{out.name}.old-{os.getpid()}"
     os.replace(out, parked)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(parked, out)  # put the previous export back before reporting the failure
+        raise
+    _fsync_dir(out.parent)
     shutil.rmtree(parked, ignore_errors=True)

@@ -8,15 +8,17 @@ So one runtime serves many generations at once, from many threads.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .backends import Backend, BackendError, make_backend
-from .generation import Generation
-from .manifest import Manifest, ManifestError, TensorSpec, load_manifest, verify_segment_files
-from .schedule import Cuts, Schedule, StepPlan, build_schedule
+from .generation import Generation, GenerationError
+from .manifest import (Manifest, ManifestError, TensorSpec, check_segment_paths, load_manifest,
+                       verify_segment_files)
+from .schedule import Cuts, Schedule, StepPlan, build_schedule, scaled_boundary
 
 NAN_POLICIES = ("error", "fallback", "off")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -43,20 +45,35 @@ class DeltaDiTRuntime:
     def __init__(self, folder: str | os.PathLike | Manifest, backend: str | Backend = "auto", *,
                  verify: bool = True, nan_policy: str = "error", **backend_options):
         if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy={nan_policy!r} is not one of {NAN_POLICIES}")
+            raise ValueError(f"nan_policy={nan_policy!r} is not one of {NAN_POLICIES}: 'error' (raise "
+                             "NonFiniteError), 'fallback' (recompute a cached step in full), 'off' (no check)")
         self.manifest = folder if isinstance(folder, Manifest) else load_manifest(folder)
+        check_segment_paths(self.manifest)
         if verify:
             verify_segment_files(self.manifest)
         self.backend = (make_backend(backend, manifest=self.manifest, **backend_options) if isinstance(backend, str)
                         else backend)
         self.nan_policy = nan_policy
-        self.engines = {s.name: self.backend.load(self.manifest, s) for s in self.manifest.segments}
+        self.engines = {s.name: self._load(s) for s in self.manifest.segments}
         self.cuts = Cuts(self.manifest.num_layers, self.manifest.cached_blocks)
         self.device = self.backend.device
         self.dtype = self.backend.dtype
-        hidden = self.manifest.segment("embed").outputs[0]
+        hidden = next(t for t in self.manifest.segment("embed").outputs if t.name == "hidden")  # validated
         self.token_shape = (int(hidden.shape[1]), int(hidden.shape[2]))
         self.model_inputs = self._model_inputs()
+
+    def _load(self, segment) -> object:
+        try:
+            return self.backend.load(self.manifest, segment)
+        except (BackendError, ManifestError):
+            raise
+        except Exception as exc:  # a backend bug or an unexpected library error: still name the file
+            raise BackendError(
+                f"segment {segment.name!r}: {self.manifest.root / segment.file if self.manifest.root else segment.file}"
+                f" could not be loaded by the {getattr(self.backend, 'name', 'engine')} backend "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                "re-export with `deltadit-export ... --force`"
+            ) from exc
 
     # ------------------------------------------------------------ description
 
@@ -82,7 +99,7 @@ class DeltaDiTRuntime:
         num_steps = num_steps if num_steps is not None else d["num_steps"]
         if boundary is None:
             # The default boundary scales with T: b/T of the manifest's default (12/20 → 0.6·T).
-            boundary = d["boundary"] if num_steps == d["num_steps"] else round(d["boundary"] * num_steps / d["num_steps"])
+            boundary = scaled_boundary(d["boundary"], d["num_steps"], num_steps)
         return build_schedule(policy, num_steps=num_steps, num_layers=self.cuts.num_layers,
                               cached_blocks=self.cuts.cached_blocks,
                               interval=interval if interval is not None else d["interval"], boundary=boundary)
@@ -91,7 +108,8 @@ class DeltaDiTRuntime:
         """Fresh state (delta buffers) for one generation of ``batch_size`` rows (2× images with guidance)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= self.manifest.max_batch:
             raise InputError(f"batch size {batch_size!r} is out of range: the engines were exported for 1.."
-                             f"{self.manifest.max_batch} (re-export with a larger --max-batch)")
+                             f"{self.manifest.max_batch} rows (with classifier-free guidance a generation runs 2 rows "
+                             "per image); pass fewer images, or re-export with a larger --max-batch")
         schedule = schedule or self.schedule()
         if schedule.cuts != self.cuts:
             raise InputError(f"the schedule is for N_c={schedule.cached_blocks}, L={schedule.num_layers}, but the "
@@ -102,11 +120,16 @@ class DeltaDiTRuntime:
 
     def prepare_inputs(self, inputs: dict[str, torch.Tensor], batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """Check names, shapes, dtypes and batch; cast floats to the engine dtype and move to the device."""
-        unknown = sorted(set(inputs) - set(self.model_inputs))
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"inputs must be a dict of name -> torch.Tensor, got {type(inputs).__name__}; this "
+                             f"model takes {sorted(self.model_inputs)}")
+        unknown = sorted(map(repr, set(inputs) - set(self.model_inputs)))
         if unknown:
-            raise InputError(f"unknown input(s) {unknown}: this model takes {sorted(self.model_inputs)}")
+            raise InputError(f"unknown input(s) {', '.join(unknown)}: this model takes {sorted(self.model_inputs)}")
         feeds: dict[str, torch.Tensor] = {}
         batch = batch_size
+        if batch is None and isinstance(inputs.get("sample"), torch.Tensor) and inputs["sample"].ndim:
+            batch = int(inputs["sample"].shape[0])  # the latents say the batch; the others must agree
         for name, mi in self.model_inputs.items():
             value = inputs.get(name)
             if value is None:
@@ -114,7 +137,9 @@ class DeltaDiTRuntime:
                     continue
                 raise InputError(f"missing input {name!r} (shape {list(mi.spec.shape)}, {mi.spec.dtype})")
             if not isinstance(value, torch.Tensor):
-                raise InputError(f"input {name!r} must be a torch.Tensor, got {type(value).__name__}")
+                raise InputError(f"input {name!r} must be a torch.Tensor of shape {list(mi.spec.shape)} "
+                                 f"({mi.spec.dtype}), got {type(value).__name__}")
+            value = value.detach()  # engines take plain data (a tensor that requires grad cannot be exported)
             if value.ndim == 0 and name == "timestep":
                 value = value.reshape(1)
             if batch is None:
@@ -133,6 +158,8 @@ class DeltaDiTRuntime:
                 want = self.dtype
             elif value.dtype.is_floating_point or value.dtype == torch.bool or value.dtype.is_complex:
                 raise InputError(f"input {name!r} has dtype {value.dtype}, expected an integer dtype ({mi.spec.dtype})")
+            if name == "class_labels" and value.numel():
+                self._check_labels(value)
             feeds[name] = value.to(device=self.device, dtype=want)
         if batch is None or not 1 <= batch <= self.manifest.max_batch:
             raise InputError(f"batch {batch} is out of range: the engines were exported for 1..{self.manifest.max_batch}"
@@ -143,26 +170,62 @@ class DeltaDiTRuntime:
                                                          dtype=self.dtype)
         return feeds
 
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Class ids index an embedding table: out of range they crash the engine or, negative, wrap silently."""
+        cond = self.manifest.conditioning
+        top = max(int(cond.get("num_classes", 1000)), int(cond.get("null_class", cond.get("num_classes", 1000))))
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high > top:
+            raise InputError(f"input 'class_labels' holds {low if low < 0 else high}, out of range: expected class ids "
+                             f"0..{top - 1}, or {top} for the unconditional (null) class")
+
+    def _check_finite_inputs(self, feeds: dict[str, torch.Tensor], generation: Generation) -> None:
+        for name, value in feeds.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NonFiniteError(
+                    f"input {name!r} holds NaN/Inf at step {generation.step_index}: the engines would turn it into "
+                    "NaN output. Fix the caller's tensor (a NaN latent usually comes from the sampler or a fp16 "
+                    "overflow upstream)"
+                )
+
     # ------------------------------------------------------------ execution
 
     def step(self, generation: Generation, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One transformer call at the generation's current step; returns the model output and advances."""
+        if not isinstance(generation, Generation):
+            raise InputError(f"step() needs a Generation from runtime.new_generation(...), got "
+                             f"{type(generation).__name__}")
+        if generation.schedule.cuts != self.cuts or tuple(generation.token_shape) != self.token_shape:
+            raise InputError("this generation was made by another runtime (other engines): start it with "
+                             "this runtime's new_generation(...)")
         feeds = self.prepare_inputs(inputs, generation.batch_size)
-        plan = generation.current_plan()
+        if not generation.lock.acquire(blocking=False):
+            raise GenerationError("this generation is already running a step in another thread: one generation "
+                                  "is one sequence of steps; give each thread its own new_generation(...)")
         try:
-            out = self._execute(generation, plan, feeds)
-        except NonFiniteError:
-            if self.nan_policy != "fallback" or plan.kind == "full":
-                raise
-            generation.nan_fallbacks.append(plan.index)
-            out = self._execute(generation, self._full_plan(generation, plan.index), feeds)
-        generation.advance()
+            plan = generation.current_plan()
+            if self.nan_policy != "off":
+                self._check_finite_inputs(feeds, generation)
+            try:
+                out = self._execute(generation, plan, feeds)
+            except NonFiniteError:
+                if self.nan_policy != "fallback" or plan.kind == "full":
+                    raise
+                # Recompute this step in full; it records fresh deltas, replacing a corrupted one.
+                generation.nan_fallbacks.append(plan.index)
+                out = self._execute(generation, self._full_plan(generation, plan.index), feeds)
+            generation.advance()
+        finally:
+            generation.lock.release()
         return out
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One full-compute call (no cache), e.g. for parity checks."""
-        batch = next(iter(v for v in inputs.values() if isinstance(v, torch.Tensor))).shape[0]
-        gen = self.new_generation(int(batch), self.schedule("none", num_steps=1))
+        if not isinstance(inputs, Mapping) or not isinstance(inputs.get("sample"), torch.Tensor) \
+                or inputs["sample"].ndim == 0:
+            raise InputError(f"forward() needs a dict with a 'sample' tensor [batch, ...]; this model takes "
+                             f"{sorted(self.model_inputs)}")
+        gen = self.new_generation(int(inputs["sample"].shape[0]), self.schedule("none", num_steps=1))
         return self.step(gen, inputs)
 
     def _full_plan(self, generation: Generation, index: int) -> StepPlan:
@@ -170,21 +233,34 @@ class DeltaDiTRuntime:
                         generation.schedule.cached_ranges, self.cuts.num_layers)
 
     def _run(self, generation: Generation, name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with generation.timed(name, self.backend.synchronize):
-            return self.engines[name].run(feeds)
+        try:
+            with generation.timed(name, self.backend.synchronize):
+                return self.engines[name].run(feeds)
+        except (BackendError, NonFiniteError, InputError):
+            raise
+        except Exception as exc:  # the engine library's own error names an op, not where we are: add it
+            raise BackendError(
+                f"segment {name!r} failed at step {generation.step_index} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); the engine file may not "
+                "match the manifest: re-export with `deltadit-export ... --force`"
+            ) from exc
 
     def _check_finite(self, generation: Generation, name: str, tensor: torch.Tensor, plan: StepPlan) -> None:
         if self.nan_policy != "off" and not bool(torch.isfinite(tensor).all()):
+            fix = ("nan_policy='fallback' recomputes cached steps in full" if plan.kind != "full" else
+                   "a full step cannot fall back")
             raise NonFiniteError(
                 f"NaN/Inf in the output of segment {name!r} at step {plan.index} ({plan.kind}); check the inputs "
-                "for extreme values and the weights for corruption. nan_policy='fallback' recomputes cached steps "
-                "in full"
+                f"for extreme values and the weights for corruption (re-export from good weights); {fix}"
             )
 
     def _execute(self, generation: Generation, plan: StepPlan, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         env = dict(feeds)
-        env.update(self._run(generation, "embed", env))
-        self._check_finite(generation, "embed", env["hidden"], plan)
+        embedded = self._run(generation, "embed", env)
+        for value in embedded.values():  # hidden tokens and the conditioning the blocks read
+            if value.is_floating_point():
+                self._check_finite(generation, "embed", value, plan)
+        env.update(embedded)
         segments = {s.name: s for s in self.cuts.segments}
         hidden = env["hidden"]
         at: dict[int, torch.Tensor] = {0: hidden}  # hidden tokens at block boundaries
@@ -196,6 +272,9 @@ class DeltaDiTRuntime:
             else:
                 start, end = self.cuts.range_bounds(name)
                 hidden = generation.reuse(name, at[start])
+                # A NaN here came from the stored delta (the range's input was checked when it was made).
+                self._check_finite(generation, f"{name} range (cached: input + delta stored at a full step)",
+                                   hidden, plan)
                 at[end] = hidden
         for cache_range in plan.record:
             start, end = self.cuts.range_bounds(cache_range)

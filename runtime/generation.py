@@ -8,6 +8,7 @@ itself holds no per-generation state.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class Generation:
     recorded: set[str] = field(default_factory=set)
     stats: dict[str, SegmentStats] = field(default_factory=dict)
     nan_fallbacks: list[int] = field(default_factory=list)  # steps recomputed in full after a NaN
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # one step at a time
 
     def __post_init__(self) -> None:
         shape = (self.batch_size, *self.token_shape)

@@ -54,6 +54,7 @@ class SegmentSpec:
     outputs: tuple[TensorSpec, ...]
     params: int = 0
     extra_files: tuple[str, ...] = ()  # external-data files next to the ONNX file
+    extra_sha256: dict[str, str] = field(default_factory=dict, hash=False)  # sha256 per extra file (older exports: none)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -91,9 +92,21 @@ class Manifest:
         return tuple(s.name for s in self.segments)
 
     def path_of(self, file: str) -> Path:
+        """The path of a file the manifest names; refuses one that leaves the folder (``..``, absolute, symlink)."""
         if self.root is None:
             raise ManifestError("this manifest was not loaded from a folder, so its files cannot be located")
-        return self.root / file
+        file = _safe_relative(file, "file")
+        path = self.root / file
+        try:
+            real, root = path.resolve(), self.root.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise ManifestError(f"{path} cannot be resolved ({exc}); {FIX_REEXPORT}") from None
+        if real != root and root not in real.parents:
+            raise ManifestError(
+                f"{path} is a link to {real}, outside the engine folder {root}; segment files must live inside the "
+                "folder: copy the file in instead of linking it, or re-export"
+            )
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,13 +130,16 @@ def _require(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> An
 
 def _safe_relative(file: Any, where: str) -> str:
     if not isinstance(file, str) or not file:
-        raise ManifestError(f"manifest field `{where}` must be a file name, got {file!r}")
+        raise ManifestError(f"manifest field `{where}` must be a file name, got {file!r}; {FIX_REEXPORT}")
     p = PurePosixPath(file.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or file.startswith(("/", "\\")) or ":" in file:
+    if p.is_absolute() or ".." in p.parts or file.startswith(("/", "\\", "~")) or ":" in file:
         raise ManifestError(
             f"manifest field `{where}` = {file!r} points outside the engine folder; "
             "segment files must be plain names inside the folder (no '..', no absolute paths)"
         )
+    if any(ord(ch) < 32 for ch in file) or p.name in ("", ".") or file.endswith(("/", "\\")):
+        raise ManifestError(f"manifest field `{where}` = {file!r} is not a plain file name (control characters, "
+                            f"or a folder); {FIX_REEXPORT}")
     return file
 
 
@@ -131,6 +147,8 @@ def _tensor(d: Any, where: str) -> TensorSpec:
     if not isinstance(d, dict):
         raise ManifestError(f"manifest field `{where}` must be an object with name, dtype, shape")
     name = _require(d, "name", str, f"{where}.")
+    if not name:
+        raise ManifestError(f"manifest field `{where}.name` is empty; {FIX_REEXPORT}")
     dtype = _require(d, "dtype", str, f"{where}.")
     if dtype not in DTYPES:
         raise ManifestError(f"manifest field `{where}.dtype` = {dtype!r} is not one of {DTYPES}")
@@ -152,25 +170,86 @@ def _segment(d: Any, index: int) -> SegmentSpec:
     role = SEGMENT_ROLES[name]
     blocks = d.get("blocks")
     if role == "blocks":
-        if not (isinstance(blocks, list) and len(blocks) == 2 and all(isinstance(b, int) for b in blocks)):
-            raise ManifestError(f"manifest field `{where}.blocks` must be [start, end] for block segment {name!r}")
+        if not (isinstance(blocks, list) and len(blocks) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
+            raise ManifestError(f"manifest field `{where}.blocks` must be [start, end] for block segment {name!r}; "
+                                f"{FIX_REEXPORT}")
         blocks = (blocks[0], blocks[1])
     else:
         blocks = None
     file = _safe_relative(_require(d, "file", str, f"{where}."), f"{where}.file")
-    sha = _require(d, "sha256", str, f"{where}.")
+    sha = _sha(_require(d, "sha256", str, f"{where}."), f"{where}.sha256")
     extra = d.get("extra_files", [])
     if not isinstance(extra, list):
-        raise ManifestError(f"manifest field `{where}.extra_files` must be a list")
-    extra = tuple(_safe_relative(f, f"{where}.extra_files") for f in extra)
+        raise ManifestError(f"manifest field `{where}.extra_files` must be a list; {FIX_REEXPORT}")
+    extra = tuple(_safe_relative(f, f"{where}.extra_files[{i}]") for i, f in enumerate(extra))
+    extra_sha = d.get("extra_sha256", {})
+    if not isinstance(extra_sha, dict) or set(extra_sha) - set(extra):
+        raise ManifestError(f"manifest field `{where}.extra_sha256` must map the extra_files to their sha256; "
+                            f"{FIX_REEXPORT}")
+    extra_sha = {k: _sha(v, f"{where}.extra_sha256[{k!r}]") for k, v in extra_sha.items()}
     inputs = tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_require(d, "inputs", list, f"{where}.")))
     outputs = tuple(
         _tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_require(d, "outputs", list, f"{where}."))
     )
     if not inputs or not outputs:
         raise ManifestError(f"manifest field `{where}` lists no inputs or no outputs; {FIX_REEXPORT}")
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"manifest field `{where}.inputs` names an input twice ({names}); {FIX_REEXPORT}")
     params = d.get("params", 0)
-    return SegmentSpec(name, role, blocks, file, sha, inputs, outputs, params if isinstance(params, int) else 0, extra)
+    return SegmentSpec(name, role, blocks, file, sha, inputs, outputs,
+                       params if isinstance(params, int) and not isinstance(params, bool) else 0, extra, extra_sha)
+
+
+def _sha(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(ch not in "0123456789abcdef" for ch in value):
+        raise ManifestError(f"manifest field `{where}` = {value!r} is not a sha256 (64 lowercase hex digits); "
+                            f"{FIX_REEXPORT}")
+    return value
+
+
+CONDITIONING_KINDS = ("caption", "class")
+
+
+def _positive(d: dict, key: str, low: int = 1, where: str = "") -> int:
+    value = _require(d, key, int, where)
+    if value < low:
+        raise ManifestError(f"manifest field `{where}{key}` = {value} must be ≥ {low}; {FIX_REEXPORT}")
+    return value
+
+
+def _check_wiring(segments: tuple[SegmentSpec, ...]) -> None:
+    """The tensors the runtime passes between segments: embed → hidden [batch, tokens, width] → each block
+    segment (hidden → hidden_out, same shape) → head (hidden → out). Every tensor has the batch axis first."""
+    def find(ts: tuple[TensorSpec, ...], name: str, seg: SegmentSpec, kind: str) -> TensorSpec:
+        for t in ts:
+            if t.name == name:
+                return t
+        raise ManifestError(f"segment {seg.name!r} has no {kind} named {name!r}, which the runtime passes between "
+                            f"segments; {FIX_REEXPORT}")
+
+    for seg in segments:
+        for kind, ts in (("input", seg.inputs), ("output", seg.outputs)):
+            for t in ts:
+                if not t.shape or t.shape[0] != BATCH or BATCH in t.shape[1:]:
+                    raise ManifestError(f"segment {seg.name!r} {kind} {t.name!r} has shape {list(t.shape)}: expected "
+                                        f"'batch' first and only there; {FIX_REEXPORT}")
+    hidden = find(segments[0].outputs, "hidden", segments[0], "output")
+    if len(hidden.shape) != 3:
+        raise ManifestError(f"segment 'embed' output 'hidden' has shape {list(hidden.shape)}: expected "
+                            f"[batch, tokens, width]; {FIX_REEXPORT}")
+    for seg in segments[1:]:
+        got = find(seg.inputs, "hidden", seg, "input")
+        if got.shape != hidden.shape or got.dtype != hidden.dtype:
+            raise ManifestError(f"segment {seg.name!r} input 'hidden' is {got.dtype} {list(got.shape)}, but embed "
+                                f"gives {hidden.dtype} {list(hidden.shape)}; {FIX_REEXPORT}")
+        if seg.role == "blocks":
+            out = find(seg.outputs, "hidden_out", seg, "output")
+            if out.shape != hidden.shape or out.dtype != hidden.dtype:
+                raise ManifestError(f"segment {seg.name!r} output 'hidden_out' is {out.dtype} {list(out.shape)}, "
+                                    f"expected {hidden.dtype} {list(hidden.shape)}; {FIX_REEXPORT}")
+    find(segments[-1].outputs, "out", segments[-1], "output")
 
 
 def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
@@ -189,28 +268,39 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
     model = _require(d, "model", dict, "")
     for key in ("name", "family", "diffusers_class"):
         _require(model, key, str, "model.")
-    resolution = _require(d, "resolution", int, "")
+    resolution = _positive(d, "resolution")
     sample_shape = _require(d, "sample_shape", list, "")
-    if len(sample_shape) != 3 or not all(isinstance(x, int) and x > 0 for x in sample_shape):
-        raise ManifestError(f"manifest field `sample_shape` must be [channels, height, width], got {sample_shape!r}")
-    out_channels = _require(d, "out_channels", int, "")
-    num_layers = _require(d, "num_layers", int, "")
+    if len(sample_shape) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                         for x in sample_shape):
+        raise ManifestError(f"manifest field `sample_shape` must be [channels, height, width], got {sample_shape!r}; "
+                            f"{FIX_REEXPORT}")
+    out_channels = _positive(d, "out_channels")
+    num_layers = _positive(d, "num_layers", 2)
     cached_blocks = _require(d, "cached_blocks", int, "")
     if not 1 <= cached_blocks < num_layers:
-        raise ManifestError(f"manifest cached_blocks={cached_blocks} is out of range 1..{num_layers - 1}")
+        raise ManifestError(f"manifest cached_blocks={cached_blocks} is out of range 1..{num_layers - 1}; "
+                            f"{FIX_REEXPORT}")
     cuts = _require(d, "cuts", dict, "")
     a, c = min(cached_blocks, num_layers - cached_blocks), max(cached_blocks, num_layers - cached_blocks)
     if cuts.get("a") != a or cuts.get("c") != c:
-        raise ManifestError(f"manifest cuts {cuts!r} do not match N_c={cached_blocks}, L={num_layers} (a={a}, c={c})")
+        raise ManifestError(f"manifest cuts {cuts!r} do not match N_c={cached_blocks}, L={num_layers} (a={a}, c={c}); "
+                            f"{FIX_REEXPORT}")
     schedule = _require(d, "schedule", dict, "")
-    for key in ("num_steps", "interval", "boundary"):
-        _require(schedule, key, int, "schedule.")
+    num_steps = _positive(schedule, "num_steps", 1, "schedule.")
+    _positive(schedule, "interval", 1, "schedule.")
+    boundary = _require(schedule, "boundary", int, "schedule.")
+    if not 0 <= boundary <= num_steps:
+        raise ManifestError(f"manifest field `schedule.boundary` = {boundary} is out of range 0..{num_steps}; "
+                            f"{FIX_REEXPORT}")
     precision = _require(d, "precision", str, "")
-    max_batch = _require(d, "max_batch", int, "")
-    if max_batch < 1:
-        raise ManifestError(f"manifest max_batch={max_batch} must be ≥ 1")
+    max_batch = _positive(d, "max_batch")
     conditioning = _require(d, "conditioning", dict, "")
-    _require(conditioning, "kind", str, "conditioning.")
+    kind = _require(conditioning, "kind", str, "conditioning.")
+    if kind not in CONDITIONING_KINDS:
+        raise ManifestError(f"manifest field `conditioning.kind` = {kind!r} is not one of {CONDITIONING_KINDS}; "
+                            f"{FIX_REEXPORT}")
+    if kind == "class":
+        _positive(conditioning, "num_classes", 1, "conditioning.")
     raw_segments = _require(d, "segments", list, "")
     segments = tuple(_segment(s, i) for i, s in enumerate(raw_segments))
     names = [s.name for s in segments]
@@ -218,10 +308,24 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
     if names != expected or "front" not in names or "rear" not in names:
         raise ManifestError(f"manifest segments {names} are incomplete or out of order (expected {expected}); "
                             f"{FIX_REEXPORT}")
+    if ("middle" in names) != (a < c):
+        raise ManifestError(f"manifest segments {names} do not match the cuts a={a}, c={c} (the middle segment "
+                            f"exists exactly when a < c); {FIX_REEXPORT}")
     bounds = {"front": (0, a), "middle": (a, c), "rear": (c, num_layers)}
     for s in segments:
         if s.role == "blocks" and s.blocks != bounds[s.name]:
-            raise ManifestError(f"segment {s.name!r} covers blocks {s.blocks}, expected {bounds[s.name]} from the cuts")
+            raise ManifestError(f"segment {s.name!r} covers blocks {s.blocks}, expected {bounds[s.name]} from the cuts; "
+                                f"{FIX_REEXPORT}")
+    _check_wiring(segments)
+    sample = next((t for t in segments[0].inputs if t.name == "sample"), None)
+    if sample is None or list(sample.shape[1:]) != list(sample_shape):
+        raise ManifestError(f"segment 'embed' input 'sample' is {list(sample.shape) if sample else 'missing'}, but "
+                            f"sample_shape is {sample_shape}; {FIX_REEXPORT}")
+    out = next(t for t in segments[-1].outputs if t.name == "out")
+    if len(out.shape) != 4 or out.shape[1] != out_channels or list(out.shape[2:]) != list(sample_shape[1:]):
+        raise ManifestError(f"segment 'head' output 'out' is {list(out.shape)}, but out_channels={out_channels} and "
+                            f"sample_shape={sample_shape} say ['batch', {out_channels}, {sample_shape[1]}, "
+                            f"{sample_shape[2]}]; {FIX_REEXPORT}")
     return Manifest(
         model=model,
         resolution=resolution,
@@ -256,6 +360,10 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); {FIX_REEXPORT}") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is not a manifest (JSON nested too deeply); {FIX_REEXPORT}") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror or exc}; check the folder's permissions") from None
     return manifest_from_dict(data, root=path.parent.resolve())
 
 
@@ -267,24 +375,36 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_segment_paths(manifest: Manifest) -> None:
+    """Every file the manifest names resolves inside its folder (cheap; runs even with ``verify=False``)."""
+    for seg in manifest.segments:
+        for file in (seg.file, *seg.extra_files):
+            manifest.path_of(file)
+
+
 def verify_segment_files(manifest: Manifest, names: tuple[str, ...] | None = None) -> None:
     """Check every segment file exists and matches its recorded sha256. Raises ManifestError naming the file."""
     for seg in manifest.segments:
         if names is not None and seg.name not in names:
             continue
-        path = manifest.path_of(seg.file)
-        if not path.is_file():
-            raise ManifestError(f"segment {seg.name!r}: file {path} is missing; {FIX_REEXPORT}")
-        for extra in seg.extra_files:
-            if not manifest.path_of(extra).is_file():
-                raise ManifestError(f"segment {seg.name!r}: external-data file {manifest.path_of(extra)} is missing")
-        digest = file_sha256(path)
-        if digest != seg.sha256:
-            raise ManifestError(
-                f"segment {seg.name!r}: {path} was changed after export (sha256 {digest[:12]}… ≠ recorded "
-                f"{seg.sha256[:12]}…); {FIX_REEXPORT}, or pass verify=False (CLI: --no-verify) if you changed it on "
-                "purpose"
-            )
+        files = [(seg.file, seg.sha256)] + [(f, seg.extra_sha256.get(f)) for f in seg.extra_files]
+        for file, recorded in files:
+            path = manifest.path_of(file)
+            if not path.is_file():
+                raise ManifestError(f"segment {seg.name!r}: file {path} is missing; {FIX_REEXPORT}")
+            if recorded is None:
+                continue  # an external-data file of an export that predates extra_sha256
+            try:
+                digest = file_sha256(path)
+            except OSError as exc:
+                raise ManifestError(f"segment {seg.name!r}: cannot read {path} ({exc.strerror or exc}); check its "
+                                    "permissions") from None
+            if digest != recorded:
+                raise ManifestError(
+                    f"segment {seg.name!r}: {path} was changed or damaged after export ({path.stat().st_size} "
+                    f"bytes, sha256 {digest[:12]}… ≠ recorded {recorded[:12]}…); {FIX_REEXPORT}, or load it "
+                    "anyway with DeltaDiTRuntime(..., verify=False) (CLI: --no-verify) if you changed it on purpose"
+                )
 
 
 def write_manifest(manifest: Manifest, folder: str | os.PathLike) -> Path:
@@ -293,6 +413,9 @@ def write_manifest(manifest: Manifest, folder: str | os.PathLike) -> Path:
     target = folder / MANIFEST_NAME
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it 0600; the manifest is read by whoever runs the engines
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(manifest.to_dict(), f, indent=2)
             f.write("\n")
