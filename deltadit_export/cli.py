@@ -54,8 +54,16 @@ def user_errors() -> tuple[type[Exception], ...]:
 @click.option("--policy", default="delta-dit", show_default=True,
               help="With --print-schedule: none, delta-dit, delta-front, delta-rear, output-cache.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (the summary is still printed).")
+@click.option("--calibrate", is_flag=True,
+              help="Sweep (N, N_c, b) in PyTorch first and export the fastest setting within --psnr-budget "
+                   "(values given with --interval/--cached-blocks/--boundary are kept).")
+@click.option("--psnr-budget", type=float, default=30.0, show_default=True,
+              help="With --calibrate: worst per-sample PSNR vs full compute, dB.")
+@click.option("--calibrate-prompts", type=int, default=4, show_default=True,
+              help="With --calibrate: samples (prompts) the sweep measures.")
 def main(model, resolution, weights, random_weights, seed, overrides, cached_blocks, precision, out, opset,
-         exporter, max_batch, num_steps, interval, boundary, backends, force, print_schedule, policy, quiet):
+         exporter, max_batch, num_steps, interval, boundary, backends, force, print_schedule, policy, quiet,
+         calibrate, psnr_budget, calibrate_prompts):
     """Export a PixArt-α or DiT-XL/2 transformer as embed/front/middle/rear/head engines with a manifest."""
     from .exporter import ExportOptions, export, resolve
 
@@ -74,9 +82,19 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
                                       boundary=s["boundary"])
             click.echo(schedule.format())
             return
+        calibration = None
+        if calibrate:
+            from .calibrate import calibrate_export_options
+
+            progress = Progress(stream=sys.stderr, quiet=quiet)
+            progress.note("calibrating the cache schedule in PyTorch (sweep of N, N_c, b)")
+            options, calibration = calibrate_export_options(options, psnr_budget=psnr_budget,
+                                                            num_prompts=calibrate_prompts, log=progress.note)
         result = export(options, Progress(stream=sys.stderr, quiet=quiet))
     except user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(result.summary())
+    if calibration is not None:
+        click.echo(calibration.summary())
 
 

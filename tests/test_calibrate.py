@@ -1,0 +1,163 @@
+"""Schedule calibration (``deltadit-export --calibrate``): the Δ-DiT stepper on diffusers blocks, the sweep's
+choice on a case whose answer is known, and the CLI path into the manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import TINY_PIXART_SET, TINY_RESOLUTION, set_args, tiny_dit, tiny_pixart
+
+from deltadit_export.calibrate import (
+    BlockStepper,
+    CalibrationError,
+    calibrate,
+    calibration_inputs,
+    default_boundaries,
+    per_sample_psnr,
+)
+from deltadit_export.models import get_spec
+from deltadit_export.split import diffusers_forward, random_model_inputs, model_shape
+from runtime.schedule import Cuts, DeltaDiTPolicy, NoCachePolicy
+
+SCHED = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+         "algorithm_type": "dpmsolver++", "solver_order": 2}
+
+
+def make_identity(block) -> None:
+    """Zero every residual branch's output projection: a PixArt block then returns its input exactly
+    (hidden + gate·0 = hidden for attn1, attn2 and the MLP)."""
+    for lin in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[-1]):
+        lin.weight.zero_()
+        lin.bias.zero_()
+
+
+@pytest.mark.parametrize("family", ["pixart", "dit"])
+def test_full_plan_equals_diffusers_forward(family):
+    model = tiny_pixart() if family == "pixart" else tiny_dit()
+    stepper = BlockStepper(model)
+    feeds = random_model_inputs(model_shape(model, 6), 3, torch.Generator().manual_seed(0))
+    plan = NoCachePolicy().plan(1, Cuts(6, 4)).steps[0]
+    with torch.no_grad():
+        assert torch.equal(stepper(plan, Cuts(6, 4), "delta", {}, feeds), diffusers_forward(model, feeds))
+
+
+def test_cached_step_applies_the_recorded_delta():
+    """A cached rear step = (front + middle run) + Δ_rear recorded at the full step, by hand."""
+    model = tiny_pixart()
+    stepper = BlockStepper(model)
+    cuts = Cuts(6, 4)  # front [0,2), middle [2,4), rear [2,6) as range: rear range = blocks 2..5
+    sched = DeltaDiTPolicy(interval=2, boundary=2).plan(2, cuts)
+    f0 = random_model_inputs(model_shape(model, 6), 2, torch.Generator().manual_seed(1))
+    f1 = dict(f0, sample=f0["sample"] + 0.1, timestep=f0["timestep"] - 7)
+    state: dict = {}
+    with torch.no_grad():
+        stepper(sched.steps[0], cuts, "delta", state, f0)
+        out = stepper(sched.steps[1], cuts, "delta", state, f1)
+        # by hand on the diffusers modules
+        def hidden_chain(feeds, upto):
+            h, t_cond, emb_t, ctx, bias = stepper.embed(feeds["sample"], feeds["timestep"],
+                                                        feeds["encoder_hidden_states"], feeds["encoder_attention_mask"])
+            hs = [h]
+            for blk in model.transformer_blocks[:upto]:
+                hs.append(blk(hs[-1], encoder_hidden_states=ctx, encoder_attention_mask=bias, timestep=t_cond))
+            return hs, emb_t
+        h0, _ = hidden_chain(f0, 6)
+        delta_rear = h0[6] - h0[2]
+        h1, emb1 = hidden_chain(f1, 2)
+        expected = stepper.head(h1[2] + delta_rear, emb1)
+    assert sched.steps[1].kind == "cache-rear"
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_psnr_per_sample_known_values():
+    ref = torch.zeros(2, 1, 4, 4, dtype=torch.float64)  # float64: 0.2 is exact to 1e-17, so 1e-9 dB holds
+    x = ref.clone()
+    x[1] += 0.2  # MSE 0.04 on range 2: 10·log10(4 / 0.04) = 20 dB
+    p = per_sample_psnr(x, ref, pixel_space=True)
+    assert math.isinf(p[0]) and p[1] == pytest.approx(20.0, abs=1e-9)
+    # latents: range = the reference's peak-to-peak (here 4), error 0.4 everywhere → 10·log10(16/0.16) = 20 dB
+    ref = torch.tensor([[-2.0, 2.0, 0.0, 0.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
+    assert per_sample_psnr(ref + 0.4, ref, pixel_space=False)[0] == pytest.approx(20.0, abs=1e-9)
+
+
+def test_default_boundaries():
+    assert default_boundaries(20) == (0, 5, 10, 12, 15, 20)
+    assert default_boundaries(6) == (0, 2, 3, 4, 6)
+
+
+def test_calibration_picks_the_known_best_setting():
+    """Known answer: the last 2 of 6 blocks are exact identities, so caching the rear range with N_c ≤ 2 and
+    caching the rear at every cached step (b = T) reproduces full compute bit for bit (Δ_rear = 0 exactly);
+    every setting that skips a non-identity block or caches the front is inexact. The budget, 150 dB, is above
+    what fp32 round-off alone allows (relative error 2^-24 ≈ 144 dB; the nearest inexact setting here reaches
+    ~130 dB), so exactly the bit-exact settings pass, and the fastest of them must be the largest interval,
+    N_c = 2, b = T."""
+    model = tiny_pixart(num_layers=6, seed=3)
+    with torch.no_grad():
+        for block in model.transformer_blocks[4:]:
+            make_identity(block)
+    inputs = calibration_inputs(get_spec("pixart-alpha"), model, 2, seed=0)
+    T = 6
+    result = calibrate(model, inputs, SCHED, num_steps=T, psnr_budget=150.0, intervals=(2, 3), pixel_space=False)
+    c = result.chosen
+    assert (c.interval, c.cached_blocks, c.boundary) == (3, 2, T)
+    assert math.isinf(c.psnr_min)  # bit-exact
+    assert c.bound == pytest.approx(T * 6 / (2 * 6 + 4 * 4))  # full steps 0, 3; cached 1, 2, 4, 5
+    # the sweep covers the whole grid, and the settings that touch non-identity blocks are inexact
+    assert len(result.sweep) == 2 * 5 * len(default_boundaries(T))
+    for s in result.sweep:
+        if s.cached_blocks > 2:
+            assert s.psnr_min < 150.0, s
+    passing = {s.key for s in result.sweep if s.psnr_min >= 150.0}
+    assert (2, 2, T) in passing and (3, 1, T) in passing  # slower exact settings also pass; not chosen
+    d = result.to_dict()
+    assert d["chosen"]["psnr_min"] is None  # ∞ → null (JSON has no infinity)
+    json.dumps(d)
+    assert "← chosen" in result.summary()
+
+
+def test_calibration_without_a_passing_setting_says_what_to_do():
+    model = tiny_pixart(num_layers=4)
+    inputs = calibration_inputs(get_spec("pixart-alpha"), model, 1)
+    with pytest.raises(CalibrationError, match="lower --psnr-budget"):
+        calibrate(model, inputs, SCHED, num_steps=4, psnr_budget=1e9, intervals=(2,), cached_blocks=(2,),
+                  boundaries=(2,), pixel_space=False)
+
+
+@pytest.mark.slow
+def test_cli_calibrate_records_the_choice_in_the_manifest(tmp_path):
+    from deltadit_export.cli import main
+    from runtime.manifest import load_manifest
+
+    out = tmp_path / "cal"
+    base = ["--model", "pixart-alpha", "--random-weights", "--resolution", str(TINY_RESOLUTION),
+            *set_args(TINY_PIXART_SET), "--steps", "4", "-q", "--calibrate", "--psnr-budget", "0",
+            "--calibrate-prompts", "1"]
+    res = CliRunner().invoke(main, base + ["--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out)
+    cal = m.calibration
+    chosen = cal["chosen"]
+    # budget 0 dB: everything passes, so the choice is the highest bound of the grid: N=4 > T-1 → one full step,
+    # N_c = L-1 = 5; all boundaries then tie on bound, and the highest worst-case PSNR wins.
+    assert (chosen["interval"], chosen["cached_blocks"]) == (4, 5)
+    assert m.cached_blocks == 5 and m.schedule["interval"] == 4 and m.schedule["boundary"] == chosen["boundary"]
+    assert len(cal["sweep"]) == 3 * 5 * len(default_boundaries(4))
+    assert "calibration:" in res.output and "← chosen" in res.output
+
+
+def test_explicit_options_are_kept_and_only_the_rest_is_swept():
+    from deltadit_export.calibrate import calibrate_export_options
+    from deltadit_export.exporter import ExportOptions
+
+    opts = ExportOptions(model="pixart-alpha", resolution=TINY_RESOLUTION, random_weights=True,
+                         overrides=dict(TINY_PIXART_SET), num_steps=4, cached_blocks=3, boundary=2)
+    new, result = calibrate_export_options(opts, psnr_budget=0.0, num_prompts=1)
+    assert {(s.cached_blocks, s.boundary) for s in result.sweep} == {(3, 2)}
+    assert {s.interval for s in result.sweep} == {2, 3, 4}
+    assert (new.cached_blocks, new.boundary) == (3, 2) and new.interval == result.chosen.interval == 4
+    assert new.calibration["chosen"]["interval"] == 4 and new.calibration["psnr_budget_db"] == 0.0
