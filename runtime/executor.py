@@ -179,15 +179,6 @@ class DeltaDiTRuntime:
             raise InputError(f"input 'class_labels' holds {low if low < 0 else high}, out of range: expected class ids "
                              f"0..{top - 1}, or {top} for the unconditional (null) class")
 
-    def _check_finite_inputs(self, feeds: dict[str, torch.Tensor], generation: Generation) -> None:
-        for name, value in feeds.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise NonFiniteError(
-                    f"input {name!r} holds NaN/Inf at step {generation.step_index}: the engines would turn it into "
-                    "NaN output. Fix the caller's tensor (a NaN latent usually comes from the sampler or a fp16 "
-                    "overflow upstream)"
-                )
-
     # ------------------------------------------------------------ execution
 
     def step(self, generation: Generation, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -204,8 +195,6 @@ class DeltaDiTRuntime:
                                   "is one sequence of steps; give each thread its own new_generation(...)")
         try:
             plan = generation.current_plan()
-            if self.nan_policy != "off":
-                self._check_finite_inputs(feeds, generation)
             try:
                 out = self._execute(generation, plan, feeds)
             except NonFiniteError:
@@ -245,21 +234,36 @@ class DeltaDiTRuntime:
                 "match the manifest: re-export with `deltadit-export ... --force`"
             ) from exc
 
-    def _check_finite(self, generation: Generation, name: str, tensor: torch.Tensor, plan: StepPlan) -> None:
-        if self.nan_policy != "off" and not bool(torch.isfinite(tensor).all()):
-            fix = ("nan_policy='fallback' recomputes cached steps in full" if plan.kind != "full" else
-                   "a full step cannot fall back")
+    def _check_finite(self, checks: list, name: str, tensor: torch.Tensor) -> None:
+        """Queue a NaN/Inf check. The flags stay on the device until the end of the step, where one
+        synchronization reads them all: no host round trip between segments on a GPU."""
+        if self.nan_policy != "off" and tensor.is_floating_point():
+            checks.append((name, torch.isfinite(tensor).all()))
+
+    def _raise_if_nonfinite(self, checks: list, generation: Generation, plan: StepPlan) -> None:
+        if not checks or bool(torch.stack([flag for _, flag in checks]).all()):
+            return
+        name = next(name for name, flag in checks if not bool(flag))  # the first, in execution order
+        if name.startswith("input "):
             raise NonFiniteError(
-                f"NaN/Inf in the output of segment {name!r} at step {plan.index} ({plan.kind}); check the inputs "
-                f"for extreme values and the weights for corruption (re-export from good weights); {fix}"
+                f"{name} holds NaN/Inf at step {generation.step_index}: the engines would turn it into NaN output. "
+                "Fix the caller's tensor (a NaN latent usually comes from the sampler or a fp16 overflow upstream)"
             )
+        fix = ("nan_policy='fallback' recomputes cached steps in full" if plan.kind != "full" else
+               "a full step cannot fall back")
+        raise NonFiniteError(
+            f"NaN/Inf in the output of segment {name!r} at step {plan.index} ({plan.kind}); check the inputs "
+            f"for extreme values and the weights for corruption (re-export from good weights); {fix}"
+        )
 
     def _execute(self, generation: Generation, plan: StepPlan, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        checks: list = []
+        for name, value in feeds.items():
+            self._check_finite(checks, f"input {name!r}", value)
         env = dict(feeds)
         embedded = self._run(generation, "embed", env)
         for value in embedded.values():  # hidden tokens and the conditioning the blocks read
-            if value.is_floating_point():
-                self._check_finite(generation, "embed", value, plan)
+            self._check_finite(checks, "embed", value)
         env.update(embedded)
         segments = {s.name: s for s in self.cuts.segments}
         hidden = env["hidden"]
@@ -267,20 +271,21 @@ class DeltaDiTRuntime:
         for verb, name in plan.actions:
             if verb == "run":
                 hidden = self._run(generation, name, {**env, "hidden": hidden})["hidden_out"]
-                self._check_finite(generation, name, hidden, plan)
+                self._check_finite(checks, name, hidden)
                 at[segments[name].end] = hidden
             else:
                 start, end = self.cuts.range_bounds(name)
                 hidden = generation.reuse(name, at[start])
-                # A NaN here came from the stored delta (the range's input was checked when it was made).
-                self._check_finite(generation, f"{name} range (cached: input + delta stored at a full step)",
-                                   hidden, plan)
+                # A NaN here came from the stored delta (the range's input is checked where it was made).
+                self._check_finite(checks, f"{name} range (cached: input + delta stored at a full step)", hidden)
                 at[end] = hidden
+        out = self._run(generation, "head", {**env, "hidden": hidden})["out"]
+        self._check_finite(checks, "head", out)
+        # Checked before recording: a NaN step must not leave its values in the delta buffers.
+        self._raise_if_nonfinite(checks, generation, plan)
         for cache_range in plan.record:
             start, end = self.cuts.range_bounds(cache_range)
             generation.record(cache_range, at[end], at[start])
-        out = self._run(generation, "head", {**env, "hidden": hidden})["out"]
-        self._check_finite(generation, "head", out, plan)
         return out
 
 

@@ -54,7 +54,7 @@ class SegmentSpec:
     outputs: tuple[TensorSpec, ...]
     params: int = 0
     extra_files: tuple[str, ...] = ()  # external-data files next to the ONNX file
-    extra_sha256: dict[str, str] = field(default_factory=dict, hash=False)  # sha256 per extra file (older exports: none)
+    extra_sha256: dict[str, str] = field(default_factory=dict, hash=False)  # sha256 of each extra file
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -184,7 +184,7 @@ def _segment(d: Any, index: int) -> SegmentSpec:
         raise ManifestError(f"manifest field `{where}.extra_files` must be a list; {FIX_REEXPORT}")
     extra = tuple(_safe_relative(f, f"{where}.extra_files[{i}]") for i, f in enumerate(extra))
     extra_sha = d.get("extra_sha256", {})
-    if not isinstance(extra_sha, dict) or set(extra_sha) - set(extra):
+    if not isinstance(extra_sha, dict) or set(extra_sha) != set(extra):
         raise ManifestError(f"manifest field `{where}.extra_sha256` must map the extra_files to their sha256; "
                             f"{FIX_REEXPORT}")
     extra_sha = {k: _sha(v, f"{where}.extra_sha256[{k!r}]") for k, v in extra_sha.items()}
@@ -392,8 +392,6 @@ def verify_segment_files(manifest: Manifest, names: tuple[str, ...] | None = Non
             path = manifest.path_of(file)
             if not path.is_file():
                 raise ManifestError(f"segment {seg.name!r}: file {path} is missing; {FIX_REEXPORT}")
-            if recorded is None:
-                continue  # an external-data file of an export that predates extra_sha256
             try:
                 digest = file_sha256(path)
             except OSError as exc:

@@ -245,3 +245,15 @@ def test_reexport_reuses_and_force_rebuilds(pixart_export, tmp_path):
     before = (folder / "front.onnx").stat().st_mtime_ns
     export_tiny(folder, force=True)
     assert (folder / "front.onnx").stat().st_mtime_ns != before
+
+
+def test_every_weight_file_has_a_recorded_sha256(pixart_export):
+    """Weights live in .onnx.data files: a manifest that leaves one without a sha256 is refused."""
+    from runtime.manifest import ManifestError
+
+    data = json.loads((pixart_export / "manifest.json").read_text())
+    seg = data["segments"][1]
+    assert seg["extra_files"] == [seg["file"] + ".data"] and set(seg["extra_sha256"]) == set(seg["extra_files"])
+    del seg["extra_sha256"]
+    with pytest.raises(ManifestError, match=r"segments\[1\].extra_sha256"):
+        manifest_from_dict(data, root=pixart_export)
