@@ -160,6 +160,13 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     for b in options.backends:
         if b not in BACKENDS:
             raise OptionError(f"--backend {b!r} is not one of {', '.join(BACKENDS)}")
+    from .backends import BackendUnavailable, preflight
+
+    for b in options.backends:
+        try:
+            preflight(b)  # before any model is loaded: a missing TensorRT must not cost a whole ONNX export
+        except BackendUnavailable as exc:
+            raise OptionError(str(exc)) from None
     if options.exporter not in EXPORTERS:
         raise OptionError(f"--exporter {options.exporter!r} is not one of {', '.join(EXPORTERS)}")
     _check_int("--max-batch", options.max_batch, 1, 256)

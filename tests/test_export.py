@@ -257,3 +257,18 @@ def test_every_weight_file_has_a_recorded_sha256(pixart_export):
     del seg["extra_sha256"]
     with pytest.raises(ManifestError, match=r"segments\[1\].extra_sha256"):
         manifest_from_dict(data, root=pixart_export)
+
+
+def test_backend_that_cannot_be_built_here_fails_before_any_work(tmp_path):
+    """TensorRT is not installable in this workplace: --backend tensorrt must fail fast, naming the extra."""
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: this test covers its absence")
+    except ImportError:
+        pass
+    result = CliRunner().invoke(export_cli, ["--model", "pixart-alpha", "--random-weights", "--resolution", "64",
+                                             *set_args(TINY_PIXART_SET), "--backend", "tensorrt",
+                                             "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "deltadit[tensorrt]" in result.output and "loading" not in result.output
+    assert not (tmp_path / "o").exists()
