@@ -17,7 +17,9 @@ Procedure (``calibrate``):
    the Δ-DiT schedule and measure each sample's PSNR against its full-compute twin;
 3. keep the settings whose **worst** per-sample PSNR is ≥ the budget, and choose the one with the
    highest block-compute bound ``T·L / block-runs`` (the fastest); ties go to the higher worst-case
-   PSNR, then to the smaller N, N_c, b.
+   PSNR, then to the smaller N, N_c, b. N_c is swept from high to low and settings whose bound is
+   already below the best passing one are left out (they cannot be chosen); the record counts them.
+   Settings of one N_c share their common prefix of step plans (``sample_many``).
 
 PSNR is over the final samples: pixel values clamped to [-1, 1] (range 2) for pixel-space models
 (pixart-digits); for latent models, over the latents with the full-compute sample's peak-to-peak as
@@ -164,27 +166,76 @@ def calibration_inputs(spec, model, num_prompts: int, *, guidance: float = DEFAU
     return CalibrationInputs(cond, noise, desc, guidance)
 
 
-def sample(stepper: BlockStepper, schedule: Schedule, inputs: CalibrationInputs, scheduler_config: dict) -> torch.Tensor:
-    """Final samples of one generation following ``schedule`` (the runtime's sampling loop, in PyTorch)."""
+def _start(inputs: CalibrationInputs, scheduler_config: dict, num_steps: int):
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler.from_config(scheduler_config)
-    sched.set_timesteps(schedule.num_steps)
-    x = inputs.noise * sched.init_noise_sigma
+    sched.set_timesteps(num_steps)
+    return inputs.noise * sched.init_noise_sigma, sched
+
+
+def _step(stepper: BlockStepper, plan: StepPlan, cuts: Cuts, cache_mode: str, inputs: CalibrationInputs, x, sched,
+          state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One denoising step (the runtime's sampling loop, in PyTorch); ``state`` holds the deltas."""
+    t = sched.timesteps[plan.index]
     guided = inputs.guidance > 1.0
-    channels = x.shape[1]
+    xin = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+    feeds = dict(inputs.cond, sample=xin, timestep=torch.full((len(xin),), float(t)))
+    out = stepper(plan, cuts, cache_mode, state, feeds).float()
+    if guided:
+        u, c = out.chunk(2)
+        out = u + inputs.guidance * (c - u)
+    if out.shape[1] == 2 * x.shape[1]:  # learned sigma
+        out = out[:, :x.shape[1]]
+    return sched.step(out, t, x, return_dict=False)[0]
+
+
+def sample(stepper: BlockStepper, schedule: Schedule, inputs: CalibrationInputs, scheduler_config: dict) -> torch.Tensor:
+    """Final samples of one generation following ``schedule``."""
+    x, sched = _start(inputs, scheduler_config, schedule.num_steps)
     state: dict[str, torch.Tensor] = {}
-    for plan, t in zip(schedule.steps, sched.timesteps):
-        xin = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        feeds = dict(inputs.cond, sample=xin, timestep=torch.full((len(xin),), float(t)))
-        out = stepper(plan, schedule.cuts, schedule.cache_mode, state, feeds).float()
-        if guided:
-            u, c = out.chunk(2)
-            out = u + inputs.guidance * (c - u)
-        if out.shape[1] == 2 * channels:  # learned sigma
-            out = out[:, :channels]
-        x = sched.step(out, t, x, return_dict=False)[0]
+    for plan in schedule.steps:
+        x = _step(stepper, plan, schedule.cuts, schedule.cache_mode, inputs, x, sched, state)
     return x
+
+
+def sample_many(stepper: BlockStepper, schedules: list[Schedule], inputs: CalibrationInputs,
+                scheduler_config: dict) -> list[torch.Tensor]:
+    """Final samples of several schedules of the same cuts, sharing every common prefix of step plans.
+
+    The schedules form a tree (all start with the same full step; Δ-DiT plans with different N or b agree
+    until their first differing step): each distinct prefix is computed once, and the sampler state (latents,
+    scheduler history, deltas) is copied where the plans part. Same results as ``sample`` per schedule.
+    """
+    import copy
+
+    if not schedules:
+        return []
+    cuts, mode, T = schedules[0].cuts, schedules[0].cache_mode, schedules[0].num_steps
+    if any(s.cuts != cuts or s.cache_mode != mode or s.num_steps != T for s in schedules):
+        raise ValueError("sample_many needs schedules of the same cuts, cache mode and step count")
+    results: list[torch.Tensor | None] = [None] * len(schedules)
+
+    def key(plan: StepPlan) -> tuple:
+        return plan.kind, plan.actions, plan.record
+
+    def walk(members: list[int], step: int, x, sched, state) -> None:
+        if step == T:
+            for i in members:
+                results[i] = x
+            return
+        groups: dict[tuple, list[int]] = {}
+        for i in members:
+            groups.setdefault(key(schedules[i].steps[step]), []).append(i)
+        for n, group in enumerate(groups.values()):
+            last = n == len(groups) - 1
+            bx, bsched, bstate = (x, sched, state) if last else (x.clone(), copy.deepcopy(sched), dict(state))
+            bx = _step(stepper, schedules[group[0]].steps[step], cuts, mode, inputs, bx, bsched, bstate)
+            walk(group, step + 1, bx, bsched, bstate)
+
+    x, sched = _start(inputs, scheduler_config, T)
+    walk(list(range(len(schedules))), 0, x, sched, {})
+    return results
 
 
 def per_sample_psnr(x: torch.Tensor, ref: torch.Tensor, pixel_space: bool) -> np.ndarray:
@@ -236,6 +287,7 @@ class CalibrationResult:
     guidance: float
     seed: int
     seconds: float
+    pruned: int = 0  # grid settings left out: their bound is below the best passing setting's
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,14 +301,15 @@ class CalibrationResult:
             "seed": self.seed,
             "chosen": self.chosen.to_dict() if self.chosen else None,
             "sweep": [s.to_dict() for s in self.sweep],
+            "pruned": self.pruned,
             "seconds": round(self.seconds, 1),
         }
 
     def summary(self, top: int = 5) -> str:
         passing = sorted((s for s in self.sweep if s.psnr_min >= self.psnr_budget), key=_rank)
-        lines = [f"calibration: {len(self.sweep)} settings (N, N_c, b) at T={self.num_steps}, guidance "
-                 f"{self.guidance}, in {self.seconds:.0f} s; budget: worst per-sample PSNR ≥ {self.psnr_budget:g} dB "
-                 f"vs full compute; {len(passing)} pass"]
+        lines = [f"calibration: {len(self.sweep)} settings (N, N_c, b) measured at T={self.num_steps}, guidance "
+                 f"{self.guidance}, in {self.seconds:.0f} s ({self.pruned} more left out: slower than the choice); "
+                 f"budget: worst per-sample PSNR ≥ {self.psnr_budget:g} dB vs full compute; {len(passing)} pass"]
         lines.append(f"  {'N':>2} {'N_c':>4} {'b':>3} {'block-runs':>10} {'bound':>6} {'PSNR min':>9} {'mean':>6}")
         for s in passing[:top]:
             mark = "  ← chosen" if self.chosen is not None and s.key == self.chosen.key else ""
@@ -277,6 +330,12 @@ def _db(v: float) -> str:
 def _rank(s: Setting) -> tuple:
     """Sort key, best first: fastest, then most accurate, then the smallest parameters."""
     return (-s.bound, -s.psnr_min, s.interval, s.cached_blocks, s.boundary)
+
+
+def _bound(num_steps: int, num_layers: int, cached_blocks: int, interval: int) -> float:
+    from runtime.schedule import bound
+
+    return bound(num_steps, num_layers, cached_blocks, interval)
 
 
 def default_boundaries(num_steps: int) -> tuple[int, ...]:
@@ -300,27 +359,28 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
         Cuts(L, n_c)  # validates 1 <= N_c < L
     reference = sample(stepper, NoCachePolicy().plan(num_steps, Cuts(L, ncs[0])), inputs, scheduler_config)
     sweep: list[Setting] = []
-    seen_plans: dict[tuple, Setting] = {}
-    total = len(ns) * len(ncs) * len(bs)
-    for i, (n, n_c, b) in enumerate((n, n_c, b) for n in ns for n_c in ncs for b in bs):
-        schedule = DeltaDiTPolicy(interval=n, boundary=b).plan(num_steps, Cuts(L, n_c))
-        # Boundaries that change no step's plan (e.g. b=15 and b=20 with no cached step in between) give
-        # the same samples: computed once.
-        plan_key = (n_c, tuple(s.kind for s in schedule.steps))
-        if plan_key in seen_plans:
-            prev = seen_plans[plan_key]
-            sweep.append(dataclasses.replace(prev, interval=n, boundary=b))
+    pruned = 0
+    best: Setting | None = None
+    # N_c from high to low: the bound grows with N_c (and N), so once a setting passes, every (N, N_c) whose
+    # bound is below the best passing one can be left out without changing the choice.
+    for k, n_c in enumerate(sorted(ncs, reverse=True)):
+        grid = [(n, b) for n in ns for b in bs
+                if best is None or _bound(num_steps, L, n_c, n) >= best.bound - 1e-12]
+        pruned += len(ns) * len(bs) - len(grid)
+        if not grid:
             continue
-        x = sample(stepper, schedule, inputs, scheduler_config)
-        p = per_sample_psnr(x, reference, pixel_space)
-        setting = Setting(n, n_c, b, schedule.block_runs, schedule.bound, float(np.min(p)), float(np.mean(p)))
-        seen_plans[plan_key] = setting
-        sweep.append(setting)
-        if log is not None and (i + 1) % 20 == 0:
-            log(f"calibration: {i + 1}/{total} settings")
+        schedules = [DeltaDiTPolicy(interval=n, boundary=b).plan(num_steps, Cuts(L, n_c)) for n, b in grid]
+        for (n, b), schedule, x in zip(grid, schedules, sample_many(stepper, schedules, inputs, scheduler_config)):
+            p = per_sample_psnr(x, reference, pixel_space)
+            setting = Setting(n, n_c, b, schedule.block_runs, schedule.bound, float(np.min(p)), float(np.mean(p)))
+            sweep.append(setting)
+            if setting.psnr_min >= psnr_budget and (best is None or _rank(setting) < _rank(best)):
+                best = setting
+        if log is not None:
+            log(f"calibration: N_c={n_c}: {len(grid)} settings ({k + 1}/{len(ncs)}, {time.perf_counter() - t0:.0f} s)")
     passing = [s for s in sweep if s.psnr_min >= psnr_budget]
     result = CalibrationResult(psnr_budget, num_steps, L, min(passing, key=_rank) if passing else None, sweep,
-                               inputs.description, inputs.guidance, seed, time.perf_counter() - t0)
+                               inputs.description, inputs.guidance, seed, time.perf_counter() - t0, pruned)
     if result.chosen is None:
         best = max(sweep, key=lambda s: (s.psnr_min, s.bound))
         raise CalibrationError(

@@ -21,7 +21,7 @@ Pixel-space models only: a latent model (pixart-alpha, DiT-XL/2) would need its 
 
 from __future__ import annotations
 
-import json
+import os
 import statistics
 import sys
 import time
@@ -67,6 +67,25 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
     if not quiet:
         click.echo(result.summary(), err=True)
     return folder
+
+
+def stale_extras(manifest) -> list[str]:
+    """Config files of the shipped model's ``text_encoder/`` and ``scheduler/`` that differ from (or are missing
+    in) the copies next to the engines. The export's reuse check hashes the transformer weights only, so an
+    updated scheduler config alone does not trigger a re-export: callers warn or re-export with ``force``."""
+    from .models import PACKAGE_WEIGHTS, REGISTRY
+
+    spec = REGISTRY.get(manifest.model.get("name"))
+    if spec is None or not spec.bundled or manifest.root is None:
+        return []
+    src = PACKAGE_WEIGHTS / spec.bundled
+    out = []
+    for sub in ("text_encoder", "scheduler"):
+        for f in sorted((src / sub).glob("*.json")) if (src / sub).is_dir() else []:
+            copy = manifest.root / sub / f.name
+            if not copy.is_file() or copy.read_bytes() != f.read_bytes():
+                out.append(f"{sub}/{f.name}")
+    return out
 
 
 def load_text_encoder(manifest, warn: Callable[[str], None] | None = None):
@@ -319,8 +338,9 @@ def median_latency(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
               help="Folder for grid.png and compare.png (default: the export folder).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (median reported).")
 @click.option("--no-timing", is_flag=True, help="Skip the latency comparison.")
+@click.option("--threads", type=int, default=None, help="CPU threads of ONNX Runtime and PyTorch (default: all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No export progress output.")
-def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, quiet):
+def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads, quiet):
     """Generate images with the exported engines and the Δ-DiT cache; compare with full compute and PyTorch eager."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -330,16 +350,23 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
 
     t_start = time.perf_counter()
     torch.set_grad_enabled(False)
-    if samples < 1 or repeats < 1:
-        raise click.ClickException("--samples and --repeats must be ≥ 1")
+    if samples < 1 or repeats < 1 or (threads is not None and threads < 1):
+        raise click.ClickException("--samples, --repeats and --threads must be ≥ 1")
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     try:
         folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES, quiet=quiet)
-        runtime = DeltaDiTRuntime(folder)
+        runtime = DeltaDiTRuntime(folder, threads=threads)
         m = runtime.manifest
         if m.export.get("vae_scale_factor", 8) != 1:
             raise click.ClickException(f"{m.model['name']} works in a VAE latent space; deltadit-generate writes "
                                        "images for pixel-space models (pixart-digits) only")
         encoder = load_text_encoder(m, warn=lambda s: click.echo(f"warning: {s}", err=True))
+        stale = stale_extras(m)
+        if stale:
+            click.echo(f"warning: {', '.join(stale)} in {folder} differ from the shipped {m.model['name']}: this export "
+                       "predates the model's current sampler/encoder config; re-export with `deltadit-export --force`",
+                       err=True)
         schedule = runtime.schedule(policy, num_steps=num_steps)
         full_schedule = runtime.schedule("none", num_steps=schedule.num_steps)
     except (ManifestError, ScheduleError) + user_errors() as exc:
