@@ -10,7 +10,7 @@ weight-free ``runtime.text_encoder.HashedWordEncoder``.
 Recipe (all seeded; defaults):
   * data: the train split of ``deltadit_export.digits`` (1438 of 1797 digits; the held-out
     359 are never trained on), 16x16 pixels in [-1, 1], 1 channel;
-  * model: 12 blocks x width 128 (4 heads x 32), patch 2 (64 tokens), caption_channels 64,
+  * model: 12 blocks x width 96 (4 heads x 24), patch 2 (64 tokens), caption_channels 64,
     in_channels = out_channels = 1 (no learned sigma: the sampler is DPM-Solver++, which
     does not use a variance), PixArt's own initialisation (xavier linears, zeroed
     cross-attention output and final projection);
@@ -22,9 +22,11 @@ Recipe (all seeded; defaults):
   * AdamW (lr 5e-4, betas 0.9/0.999, wd 0.01), linear warmup then cosine decay to 10%,
     grad-norm clip 1.0, EMA of the weights (decay 0.999 with the usual 1+n/10+n warmup);
     the EMA weights are shipped;
-  * sampling check: DPM-Solver++ (2nd order, 20 steps) from the shipped scheduler config,
-    classifier-free guidance, full compute in PyTorch, 50 samples per digit from fixed
-    seeds, classified by ``deltadit_export.digits.train_digit_classifier``.
+  * sampling check: DPM-Solver++ (2nd order, 20 steps, x0 clipped to [-1, 1]) from the
+    shipped scheduler config, classifier-free guidance (default 3.0), full compute in
+    PyTorch, 50 samples per digit from fixed seeds, classified by
+    ``deltadit_export.digits.train_digit_classifier``; also a Fréchet distance of its
+    features to the held-out real digits, and the samples' value range.
 
 Output (written to a temporary sibling directory, then renamed into place)::
 
@@ -38,8 +40,8 @@ OUT and rewrites its card, samples and summary, without training.
 
 Usage::
 
-    python tools/train_digits.py --iterations 2600 --minutes 60
-    python tools/train_digits.py --resample --guidance 4.5
+    python tools/train_digits.py --iterations 6000 --minutes 55
+    python tools/train_digits.py --resample --guidance 3 --guidance-sweep 2,4.5
 """
 
 from __future__ import annotations
@@ -144,11 +146,19 @@ def training_scheduler():
     )
 
 
-def sampling_scheduler_config(train_sched, thresholding: bool) -> dict:
-    """The DPM-Solver++ config shipped in ``scheduler/``: training betas, 2nd order."""
+def sampling_scheduler(train_sched, thresholding: bool):
+    """The DPM-Solver++ shipped in ``scheduler/``: training betas, 2nd order, 20 steps.
+
+    ``thresholding`` (default on) clips DPM-Solver++'s x0 prediction to [-1, 1] (dynamic
+    thresholding with ``sample_max_value=1``, i.e. plain clipping for pixel data). It is
+    needed here: the cosine schedule has near-zero SNR at t=999 (alpha_999 ~ 1e-4), so the
+    x0 = (x - sigma*eps)/alpha conversion at the first step multiplies the eps error by
+    ~1e4, and without clipping the samples end at |x| ~ 1e3-1e4 (seen: the classifier
+    still reads 96% of those from their sign pattern, so accuracy alone hides it).
+    """
     from diffusers import DPMSolverMultistepScheduler
 
-    s = DPMSolverMultistepScheduler.from_config(
+    return DPMSolverMultistepScheduler.from_config(
         train_sched.config,
         algorithm_type="dpmsolver++",
         solver_order=2,
@@ -158,7 +168,14 @@ def sampling_scheduler_config(train_sched, thresholding: bool) -> dict:
         dynamic_thresholding_ratio=0.995,
         sample_max_value=1.0,
     )
-    return dict(s.config)
+
+
+def write_scheduler(work: Path, scheduler) -> dict:
+    """``save_pretrained`` (not a dump of ``.config``): it drops diffusers' private
+    ``_use_default_values`` list, whose keys ``from_config`` would otherwise silently reset
+    to defaults, and adds ``_class_name`` so ``from_pretrained`` works."""
+    scheduler.save_pretrained(work / "scheduler")
+    return json.loads((work / "scheduler" / "scheduler_config.json").read_text())
 
 
 def encode(encoder: HashedWordEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +197,64 @@ def model_eps(model, x, t, states, mask):
 # ----------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------
-def lr_at(it: int, args) -> float:
+def lr_at(it: int, args, time_fraction: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to ``final_lr_fraction * lr``.
+
+    Progress is the larger of iteration progress and wall-clock progress (``time_fraction``
+    of ``--minutes``), so the decay always finishes by the time budget even when the shared
+    CPU is slower than planned. With a generous ``--minutes`` it is purely iteration-based.
+    """
     if it < args.warmup:
         return args.lr * (it + 1) / args.warmup
-    p = min(1.0, (it - args.warmup) / max(1, args.iterations - args.warmup))
+    p = (it - args.warmup) / max(1, args.iterations - args.warmup)
+    p = min(1.0, max(p, time_fraction))
     lo = args.lr * args.final_lr_fraction
     return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * p))
+
+
+class ThreadTuner:
+    """Picks torch's thread count on a shared machine.
+
+    With 2 threads on 2 cores that other jobs also use, every parallel region waits for
+    whichever thread was descheduled, and an iteration can take 3-5x longer than with 1
+    thread (measured here). ``"auto"`` re-measures every ``window`` iterations: 8 timed
+    iterations at each candidate count, then the faster one for the rest of the window.
+    A fixed number disables this.
+    """
+
+    def __init__(self, spec: str, window: int = 200, probe: int = 8) -> None:
+        self.auto = spec == "auto"
+        self.candidates = [1, 2] if self.auto else [int(spec)]
+        self.window, self.probe = window, probe
+        self.current = self.candidates[-1]
+        self.times: dict[int, list[float]] = {}
+        self.history: list[tuple[int, int]] = []  # (iteration, chosen threads)
+        self._t = 0.0
+        torch.set_num_threads(self.current)
+        if not self.auto:
+            self.history.append((0, self.current))
+
+    def before(self, it: int) -> None:
+        if self.auto:
+            k = it % self.window
+            n = len(self.candidates) * self.probe
+            if k < n:
+                want = self.candidates[k // self.probe]
+            elif k == n:
+                med = {c: float(np.median(v[1:])) for c, v in self.times.items()}  # drop the first (warm-up)
+                want = min(med, key=med.get)
+                self.history.append((it, want))
+                self.times = {}
+            else:
+                want = self.current
+            if want != self.current:
+                torch.set_num_threads(want)
+                self.current = want
+        self._t = time.perf_counter()
+
+    def after(self, it: int) -> None:
+        if self.auto and it % self.window < len(self.candidates) * self.probe:
+            self.times.setdefault(self.current, []).append(time.perf_counter() - self._t)
 
 
 @torch.no_grad()
@@ -242,6 +311,7 @@ def train(args, work: Path) -> dict:
     writer = csv.writer(fcsv)
     writer.writerow(["iteration", "elapsed_s", "lr", "loss", "mse", "held_out_mse"])
 
+    threads = ThreadTuner(args.threads)
     t_start = time.time()
     deadline = t_start + args.minutes * 60
     perm, pos = torch.randperm(len(xtr), generator=g), 0
@@ -261,7 +331,8 @@ def train(args, work: Path) -> dict:
         noise = torch.randn(x0.shape, generator=g)
         xt = sched.add_noise(x0, noise, t)
 
-        lr = lr_at(it, args)
+        lr = lr_at(it, args, (time.time() - t_start) / (args.minutes * 60))
+        threads.before(it)
         for group in opt.param_groups:
             group["lr"] = lr
         eps = model_eps(model, xt, t, cond_states[y], cond_mask[y])
@@ -272,9 +343,10 @@ def train(args, work: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         ema_update(ema, model, it, args.ema_decay)
+        threads.after(it)
 
-        mse = float(per_sample.mean())
-        recent.append((float(loss), mse))
+        mse = float(per_sample.detach().mean())
+        recent.append((float(loss.detach()), mse))
         val = ""
         if (it + 1) % args.eval_every == 0 or it == args.iterations - 1:
             # Validate the EMA weights (the ones shipped).
@@ -292,7 +364,7 @@ def train(args, work: Path) -> dict:
             fcsv.flush()
             el = time.time() - t_start
             last = recent[-args.log_every:]
-            print(f"it {it + 1:5d}  {el / 60:6.1f} min  {el / (it + 1):.2f} s/it  lr {lr:.2e}  "
+            print(f"it {it + 1:5d}  {el / 60:6.1f} min  {el / (it + 1):.2f} s/it  {threads.current}T  lr {lr:.2e}  "
                   f"loss {np.mean([a for a, _ in last]):.4f}  mse {np.mean([b for _, b in last]):.4f}"
                   + ("" if val == "" else f"  held-out mse (EMA) {val:.4f}"), flush=True)
         if args.checkpoint_every and (it + 1) % args.checkpoint_every == 0:
@@ -311,9 +383,7 @@ def train(args, work: Path) -> dict:
     model.save_pretrained(work / "transformer", safe_serialization=True)
     (work / "checkpoint_ema.pt").unlink(missing_ok=True)
     encoder.save(work / "text_encoder")
-    sched_cfg = sampling_scheduler_config(sched, args.thresholding)
-    (work / "scheduler").mkdir(exist_ok=True)
-    (work / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
+    write_scheduler(work, sampling_scheduler(sched, args.thresholding))
 
     tail = recent[-100:]
     rows = list(csv.DictReader(open(csv_path)))
@@ -330,7 +400,7 @@ def train(args, work: Path) -> dict:
         "training": {
             "seed": args.seed, "encoder_seed": args.encoder_seed, "split_seed": 0,
             "train_images": len(xtr), "held_out_images": len(xho),
-            "iterations": iterations_done, "iterations_planned": args.iterations,
+            "iterations": iterations_done, "iterations_planned": args.iterations, "minutes": args.minutes,
             "batch": args.batch, "train_seconds": round(train_seconds, 1),
             "lr": args.lr, "warmup": args.warmup, "final_lr_fraction": args.final_lr_fraction,
             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "ema_decay": args.ema_decay,
@@ -339,7 +409,8 @@ def train(args, work: Path) -> dict:
             "final_loss_weighted_last100": float(np.mean([a for a, _ in tail])),
             "final_mse_last100": float(np.mean([b for _, b in tail])),
             "final_held_out_mse_ema": vals[-1] if vals else None,
-            "threads": torch.get_num_threads(),
+            "threads": args.threads,
+            "thread_choices": threads.history,
             "torch": torch.__version__,
         },
     }
@@ -414,6 +485,17 @@ def sample_digits(model, sched_cfg: dict, encoder: HashedWordEncoder, digits: to
     return torch.cat(out)
 
 
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula)."""
+    import scipy.linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(ca @ cb)
+    covmean = np.real(covmean)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
+
+
 def save_grid(samples: torch.Tensor, path: Path, per_row: int = 10, scale: int = 4) -> None:
     from PIL import Image
 
@@ -434,16 +516,26 @@ def evaluate(work: Path, args, summary: dict) -> dict:
 
     t0 = time.time()
     clf = train_digit_classifier(seed=0)
+    (xtr, _), (xho, _) = load_digit_split(SIZE)
+    real_feats = clf.features(xho)
+    fd_ref = frechet_distance(clf.features(xtr[: len(xho)]), real_feats)
     print(f"classifier held-out accuracy {clf.held_out_accuracy:.4f} ({time.time() - t0:.0f} s)", flush=True)
     model = PixArtTransformer2DModel.from_pretrained(work / "transformer", local_files_only=True).eval()
     encoder = HashedWordEncoder.load(work / "text_encoder")
     sched_cfg = json.loads((work / "scheduler" / "scheduler_config.json").read_text())
-    if args.thresholding is not None and sched_cfg.get("thresholding") != args.thresholding:
-        sched_cfg["thresholding"] = args.thresholding
-        (work / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
+    if args.thresholding is not None and (sched_cfg.get("thresholding") != args.thresholding
+                                          or "_use_default_values" in sched_cfg):
+        sched_cfg = write_scheduler(work, sampling_scheduler(training_scheduler(), args.thresholding))
 
     digits = torch.arange(10).repeat_interleave(args.samples_per_digit)
     results = {}
+    prev = summary.get("evaluation") or {}
+    if (prev.get("thresholding") == bool(sched_cfg.get("thresholding"))
+            and prev.get("samples_per_digit") == args.samples_per_digit
+            and prev.get("sample_seed") == args.sample_seed
+            and abs(prev.get("classifier_held_out_accuracy", -1) - clf.held_out_accuracy) < 1e-12):
+        # --resample with the same sampler, seeds and classifier: keep the scales measured before.
+        results.update({k: v for k, v in prev.get("guidance_sweep", {}).items() if "frechet_distance" in v})
     scales = sorted(set([args.guidance] + list(args.guidance_sweep)))
     chosen_samples = None
     for s in scales:
@@ -452,13 +544,19 @@ def evaluate(work: Path, args, summary: dict) -> dict:
         pred = clf.predict(x.numpy())
         acc = float(np.mean(pred == digits.numpy()))
         per_digit = [float(np.mean(pred[digits.numpy() == d] == d)) for d in range(10)]
-        results[str(s)] = {"accuracy": acc, "per_digit": per_digit, "nonfinite": int((~torch.isfinite(x)).sum())}
-        print(f"guidance {s}: class accuracy {acc:.4f}  per digit {['%.2f' % p for p in per_digit]}  "
-              f"({time.time() - t1:.0f} s)", flush=True)
+        fd = frechet_distance(clf.features(x.numpy()), real_feats)
+        results[str(s)] = {"accuracy": acc, "per_digit": per_digit, "frechet_distance": fd,
+                           "nonfinite": int((~torch.isfinite(x)).sum()), "min": float(x.min()),
+                           "max": float(x.max()), "mean": float(x.mean()), "std": float(x.std())}
+        print(f"guidance {s}: class accuracy {acc:.4f}  FD {fd:.1f}  range [{x.min():.2f}, {x.max():.2f}]  "
+              f"per digit {['%.2f' % p for p in per_digit]}  ({time.time() - t1:.0f} s)", flush=True)
+        if not torch.isfinite(x).all() or x.abs().max() > 1.5:
+            print(f"WARNING: guidance {s}: samples leave [-1.5, 1.5]; the sampler diverged", flush=True)
         if s == args.guidance:
             chosen_samples = x
-    grid_idx = torch.cat([torch.arange(10) + d * args.samples_per_digit for d in range(10)])
-    save_grid(chosen_samples[grid_idx], work / "samples.png")
+    per = min(10, args.samples_per_digit)
+    grid_idx = torch.cat([torch.arange(per) + d * args.samples_per_digit for d in range(10)])
+    save_grid(chosen_samples[grid_idx], work / "samples.png", per_row=per)
     summary["evaluation"] = {
         "classifier_held_out_accuracy": clf.held_out_accuracy,
         "classifier_train_accuracy": clf.train_accuracy,
@@ -470,7 +568,10 @@ def evaluate(work: Path, args, summary: dict) -> dict:
         "guidance_scale": args.guidance,
         "sample_class_accuracy": results[str(args.guidance)]["accuracy"],
         "per_digit_accuracy": results[str(args.guidance)]["per_digit"],
-        "guidance_sweep": results,
+        "frechet_distance": results[str(args.guidance)]["frechet_distance"],
+        "frechet_distance_real_reference": fd_ref,
+        "sample_range": [results[str(args.guidance)]["min"], results[str(args.guidance)]["max"]],
+        "guidance_sweep": dict(sorted(results.items(), key=lambda kv: float(kv[0]))),
     }
     return summary
 
@@ -478,7 +579,7 @@ def evaluate(work: Path, args, summary: dict) -> dict:
 def write_card(work: Path, s: dict) -> None:
     a, t, e = s["architecture"], s["training"], s["evaluation"]
     size_mb = (work / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size / 1e6
-    sweep = "\n".join(f"| {k} | {v['accuracy']:.3f} |" for k, v in sorted(e["guidance_sweep"].items(), key=lambda kv: float(kv[0])))
+    sweep = "\n".join(f"| {k} | {v['accuracy']:.3f} | {v.get('frechet_distance', float('nan')):.1f} |" for k, v in sorted(e["guidance_sweep"].items(), key=lambda kv: float(kv[0])))
     card = f"""# pixart-digits
 
 The embedded default model of deltadit: a small `diffusers.PixArtTransformer2DModel` trained in
@@ -513,27 +614,35 @@ machine with no downloads, and so that the Δ-DiT cache's quality can be measure
   {t['final_lr_fraction']} x lr over {t['iterations_planned']} planned iterations; grad clip {t['grad_clip']}; batch {t['batch']}.
 - EMA of the weights, decay {t['ema_decay']} (with `(1+n)/(10+n)` warmup); **the EMA weights are shipped**.
 - PixArt-α initialisation (xavier linears; zeroed cross-attention output and final projection).
-- Seeds: model/data {t['seed']}, text encoder {t['encoder_seed']}, split {t['split_seed']}. CPU, {t['threads']} threads, torch {t['torch']}.
+- Seeds: model/data {t['seed']}, text encoder {t['encoder_seed']}, split {t['split_seed']}. CPU, torch {t['torch']},
+  threads `{t['threads']}` (shared 2-core machine; `auto` re-picks 1 or 2 threads every 200 iterations).
+- The LR decay's progress is max(iteration progress, wall-clock progress of `--minutes {t.get('minutes', '?')}`), so
+  the schedule ends by the time budget; `loss.csv` records the learning rate of every iteration.
 - Ran {t['iterations']} iterations in {t['train_seconds'] / 60:.1f} min.
 - Final training loss (mean of the last 100 iterations): eps-MSE {t['final_mse_last100']:.4f},
   Min-SNR-weighted {t['final_loss_weighted_last100']:.4f}. Held-out eps-MSE of the EMA weights
   (fixed noise and timesteps): {t['final_held_out_mse_ema']:.4f}.
 - Loss curve: `loss_curve.png` (data: `loss.csv`).
 - Reproduce: `python tools/train_digits.py --iterations {t['iterations_planned']} --seed {t['seed']}
-  --width {a['width']} --heads {a['num_attention_heads']} --batch {t['batch']}`.
+  --width {a['width']} --heads {a['num_attention_heads']} --batch {t['batch']} --minutes {t.get('minutes', 55)}`.
 
 ## Evaluation (full compute, PyTorch, no caching)
 - Reference classifier (`deltadit_export.digits.train_digit_classifier(seed=0)`, a small CNN):
   held-out accuracy on real digits **{e['classifier_held_out_accuracy']:.4f}**.
-- Sampler: {e['sampler']}; dynamic thresholding {'on' if e['thresholding'] else 'off'}.
+- Sampler: {e['sampler']}; dynamic thresholding {'on' if e['thresholding'] else 'off'}
+  (`sample_max_value` 1, i.e. x0 clipped to [-1, 1]: the cosine schedule's near-zero SNR at t=999
+  makes the first eps->x0 conversion amplify errors ~1e4x; without clipping, samples diverge).
 - {e['samples_per_digit']} samples per digit (initial noise from `torch.Generator().manual_seed({e['sample_seed']})`,
   digit-major order), classifier-free guidance scale **{e['guidance_scale']}**.
 - Sample class accuracy: **{e['sample_class_accuracy']:.4f}** (per digit 0..9:
   {', '.join(f'{p:.2f}' for p in e['per_digit_accuracy'])}).
+- Fréchet distance of the classifier's 64-d features to the held-out real digits:
+  **{e['frechet_distance']:.1f}** (reference: {e['frechet_distance_real_reference']:.1f} between
+  359 real train digits and the held-out ones). Sample value range: [{e['sample_range'][0]:.2f}, {e['sample_range'][1]:.2f}].
 - `samples.png`: 10x10 grid, row d = the first 10 samples of digit d (4x nearest upscaling).
 
-| guidance scale | class accuracy |
-|---|---|
+| guidance scale | class accuracy | Fréchet distance |
+|---|---|---|
 {sweep}
 
 ## Use
@@ -555,13 +664,13 @@ Call the model with `added_cond_kwargs={{"resolution": None, "aspect_ratio": Non
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="shipped directory (default: %(default)s)")
-    p.add_argument("--iterations", type=int, default=2600, help="planned iterations (the LR schedule spans them)")
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap on training; stops early if reached")
+    p.add_argument("--iterations", type=int, default=6000, help="planned iterations (the LR schedule spans them)")
+    p.add_argument("--minutes", type=float, default=55.0, help="wall-clock cap on training; stops early if reached")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--width", type=int, default=96)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=NUM_LAYERS, help="must be 12 (the schedule math assumes it)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--final-lr-fraction", type=float, default=0.1)
@@ -573,18 +682,20 @@ def parse_args(argv=None):
     p.add_argument("--caption-dim", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--encoder-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="auto", help="torch threads: a number, or auto (1 or 2, re-measured)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--guidance", type=float, default=4.5, help="guidance scale reported and used for samples.png")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale reported and used for samples.png")
     p.add_argument("--guidance-sweep", type=lambda s: [float(v) for v in s.split(",") if v], default=[],
                    help="extra guidance scales to measure, e.g. 3,4,5")
     p.add_argument("--thresholding", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
-                   help="dynamic thresholding in the shipped DPM-Solver++ config (default: off)")
+                   help="x0 clipping (dynamic thresholding) in the shipped DPM-Solver++ config (default: on)")
     p.add_argument("--samples-per-digit", type=int, default=50)
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--resample", action="store_true", help="only re-run the sampling check on an existing --out")
+    p.add_argument("--resample-from", type=Path, default=None,
+                   help="with --resample: read the trained folder from here instead of --out")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the temporary directory here (for debugging)")
     args = p.parse_args(argv)
     if args.layers != NUM_LAYERS:
@@ -594,22 +705,27 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(2 if args.threads == "auto" else int(args.threads))
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) if args.work_dir is None else args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)  # mkdtemp makes it 0700; the shipped folder must be readable by all
     t0 = time.time()
     if args.resample:
-        if not (out / "training_summary.json").is_file():
-            raise SystemExit(f"--resample: {out} has no training_summary.json")
+        src = args.resample_from or out
+        if not (src / "training_summary.json").is_file():
+            raise SystemExit(f"--resample: {src} has no training_summary.json")
         shutil.rmtree(work)
-        shutil.copytree(out, work)
+        shutil.copytree(src, work)
         summary = json.loads((work / "training_summary.json").read_text())
     else:
         if args.thresholding is None:
-            args.thresholding = False
+            args.thresholding = True
         summary = train(args, work)
+        # Written before sampling, so a failed evaluation leaves a folder --resample can use.
+        (work / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"trained weights in {work}", flush=True)
     summary = evaluate(work, args, summary)
     (work / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_card(work, summary)
