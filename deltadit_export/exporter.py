@@ -226,6 +226,7 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     key_material = {
         "options": fields,
         "weights": weights_fingerprint(source, config),
+        "extras": _extras_fingerprint(_extras_root(spec, source)),
         "deltadit": __version__,
         "format_version": FORMAT_VERSION,
         "torch": _torch_version(),
@@ -443,15 +444,36 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
     return reports
 
 
+EXTRA_FOLDERS = ("text_encoder", "scheduler")
+
+
+def _extras_root(spec, source: WeightsSource) -> Path | None:
+    """Where a shipped model's text encoder and scheduler configs live (None for hub models)."""
+    if not spec.bundled:
+        return None
+    if source.kind == "bundled":
+        return Path(source.path).parent
+    from .models import PACKAGE_WEIGHTS
+
+    return PACKAGE_WEIGHTS / spec.bundled
+
+
+def _extras_fingerprint(root: Path | None) -> str | None:
+    """The configs copied next to the engines are part of the export: a changed sampler config re-exports."""
+    if root is None:
+        return None
+    h = hashlib.sha256()
+    for sub in EXTRA_FOLDERS:
+        for f in sorted((root / sub).glob("*")) if (root / sub).is_dir() else ():
+            if f.is_file():
+                h.update(f"{sub}/{f.name}".encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _copy_bundled_extras(job: ResolvedExport, tmp: Path) -> None:
     """A shipped model's text encoder and scheduler configs travel with its engines (the runtime reads them)."""
-    if not job.spec.bundled:
-        return
-    root = Path(job.source.path).parent if job.source.kind == "bundled" else None
-    if root is None:
-        from .models import PACKAGE_WEIGHTS
-
-        root = PACKAGE_WEIGHTS / job.spec.bundled
-    for sub in ("text_encoder", "scheduler"):
+    root = _extras_root(job.spec, job.source)
+    for sub in EXTRA_FOLDERS if root is not None else ():
         if (root / sub).is_dir():
             shutil.copytree(root / sub, tmp / sub)

@@ -272,3 +272,18 @@ def test_backend_that_cannot_be_built_here_fails_before_any_work(tmp_path):
     assert result.exit_code == 1
     assert "deltadit[tensorrt]" in result.output and "loading" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_shipped_sampler_config_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """The scheduler and text-encoder configs travel with a shipped model's engines: changing them re-exports."""
+    import deltadit_export.models as models
+    from deltadit_export.exporter import ExportOptions, resolve
+
+    shutil.copytree(models.PACKAGE_WEIGHTS / "pixart-digits", tmp_path / "pixart-digits")
+    monkeypatch.setattr(models, "PACKAGE_WEIGHTS", tmp_path)
+    options = ExportOptions(out=str(tmp_path / "out"))
+    before = resolve(options).cache_key
+    assert resolve(options).cache_key == before
+    config = tmp_path / "pixart-digits" / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"thresholding": true', '"thresholding": false'))
+    assert resolve(options).cache_key != before
