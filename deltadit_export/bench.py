@@ -297,6 +297,14 @@ def reference_delta_dit(model, manifest, inputs: dict[str, Any], num_steps: int,
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS. On Linux, VmHWM of /proc/self/status: ru_maxrss is carried over from
+    the parent across fork+exec, so every worker would report at least the (large) bench driver's RSS."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

@@ -24,6 +24,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime-cuda": ("runtime.backends.ort_cuda_backend", "OrtCudaBackend"),
     "torch-cuda": ("runtime.backends.torch_backend", "TorchCudaBackend"),
     "torch": ("runtime.backends.torch_backend", "TorchBackend"),  # device="cpu" | "cuda" (default: cuda if any)
+    "torch-compile": ("runtime.backends.torch_backend", "TorchCompiledBackend"),  # Inductor, frozen weights
     "onnxruntime": ("runtime.backends.onnxruntime_backend", "OnnxRuntimeCpuBackend"),
 }
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
