@@ -1,8 +1,8 @@
 """``deltadit-eval``: the quality harness of Δ-DiT on the shipped ``pixart-digits`` model.
 
 Every row generates the same samples (``--samples-per-digit`` per digit, digit-major, initial noise
-from one ``torch.Generator(--seed)``, T=20 DPM-Solver++ with classifier-free guidance 4.5 unless
-told otherwise) and reports:
+from one ``torch.Generator(--seed)``, T=20 DPM-Solver++ with classifier-free guidance at the shipped
+model's scale (its model card's) unless told otherwise) and reports:
 
 - **bound**: ideal speedup of the block work. Δ-DiT rows: ``T·L / block-runs`` of their schedule;
   fewer steps: ``20 / T``; diffusers hook rows: the multiply-adds of every ``nn.Linear`` inside the
@@ -17,6 +17,9 @@ told otherwise) and reports:
 - **FD**: Fréchet distance between the classifier's 64-d penultimate features of the samples and
   of the real digits of the training split (the reference set); ``FD floor`` in the output is the
   distance of the real held-out digits to the same reference (what finite samples of real data give).
+  ``±`` is its standard deviation over 200 bootstrap resamples of the samples; comparisons between rows
+  use a paired bootstrap (same resampled indices for both rows, which share their seeds) and state the
+  95% interval of the FD difference.
 - **PSNR / max-abs** against the full-compute samples of the same seeds (runtime rows against runtime
   full compute, PyTorch rows against PyTorch full compute), pixels clamped to [-1, 1], PSNR over
   all pixels of all samples pooled: ``10·log10(2² / MSE)``.
@@ -28,8 +31,9 @@ and up: 12 and 13 for L=12); PyTorch eager full compute; and one row per diffuse
 applies to ``PixArtTransformer2DModel`` (FirstBlockCache, Pyramid Attention Broadcast, FasterCache
 without its CFG part, TaylorSeer, MagCache), tuned to a block-work bound close to ``delta-dit``'s
 where the method allows it. Output: a table, ``quality.json``, ``speedup_vs_fd.png`` and sample
-grids in ``--out`` (default ``docs/quality``). Samples are cached per row under ``--work``, so a
-rerun only recomputes what changed.
+grids in ``--out`` (default ``docs/quality``). Samples are cached per row under ``--work`` (keyed on
+the engines' sha256, the sampler and encoder configs, seed and row settings), so a rerun only recomputes
+what changed.
 """
 
 from __future__ import annotations
@@ -109,6 +113,20 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
+
+
+def bootstrap_fd(features: dict[str, np.ndarray], ref_stats, resamples: int = 200,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """FD of each set to the reference on ``resamples`` bootstrap resamples of the samples.
+
+    The same resampled indices are used for every set: the sets share their seeds (sample i of every
+    row starts from the same noise and prompt), so differences between rows are judged paired.
+    """
+    n = len(next(iter(features.values())))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    idx = rng.integers(0, n, size=(resamples, n))
+    return {name: np.array([frechet_distance_from_stats(*feature_stats(f[i]), *ref_stats) for i in idx])
+            for name, f in features.items()}
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -499,13 +517,14 @@ def _fmt(v: float | None, spec: str, inf: str = "∞") -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'row':<26} {'engine':<8} {'T':>3} {'bound':>6} {'ms/img':>7} {'speedup':>8} {'acc %':>6} "
-            f"{'FD':>7} {'PSNR dB':>8} {'max|Δ|':>7}")
+            f"{'FD':>7} {'±':>5} {'PSNR dB':>8} {'max|Δ|':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['name']:<26} {r['engine']:<8} {r['num_steps']:>3} {_fmt(r['bound'], '.2f'):>6} "
             f"{_fmt(r['latency_ms'], '.1f'):>7} {_fmt(r['speedup'], '.2f'):>7}× {100 * r['accuracy']:>6.1f} "
-            f"{r['fd']:>7.2f} {_fmt(r['psnr'], '.1f'):>8} {_fmt(r['max_abs'], '.3f'):>7}")
+            f"{r['fd']:>7.2f} {_fmt(r.get('fd_bootstrap_std'), '.2f'):>5} {_fmt(r['psnr'], '.1f'):>8} "
+            f"{_fmt(r['max_abs'], '.3f'):>7}")
     return "\n".join(lines)
 
 
@@ -519,14 +538,23 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     full = next(r for r in rows if r["name"] == "full")
     ax.axhline(full["fd"], color="0.6", lw=0.8, ls="--", label="full compute FD")
     ax.axhspan(full["fd"], full["fd"] * (1 + TARGETS["fd_relative"]), color="0.9", label="within 10% of full FD")
-    for r in rows:
-        if r["speedup"] is None:
-            continue
+    pts = [r for r in rows if r["speedup"] is not None]
+    for r in pts:
         style = {"runtime": ("o", "C0"), "pytorch": ("s", "C1")}[r["engine"]]
         if r["name"].startswith("delta-dit"):
             style = ("*", "C3")
         ax.scatter(r["speedup"], r["fd"], marker=style[0], color=style[1], s=80 if style[0] == "*" else 36, zorder=3)
-        ax.annotate(r["name"], (r["speedup"], r["fd"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    # Labels: stack the ones of nearby points vertically so that they stay readable.
+    xs = [r["speedup"] for r in pts]
+    ys = [r["fd"] for r in pts]
+    xr = (max(xs) - min(xs)) or 1.0
+    yr = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for r in sorted(pts, key=lambda r: (r["fd"], r["speedup"])):
+        near = sum(1 for (x, y) in placed if abs(x - r["speedup"]) / xr < 0.12 and abs(y - r["fd"]) / yr < 0.06)
+        placed.append((r["speedup"], r["fd"]))
+        ax.annotate(r["name"], (r["speedup"], r["fd"]), textcoords="offset points", xytext=(5, -3 + 9 * near),
+                    fontsize=7)
     ax.scatter([], [], marker="o", color="C0", label="deltadit runtime (ONNX Runtime) vs its full compute")
     ax.scatter([], [], marker="s", color="C1", label="diffusers hooks (PyTorch) vs PyTorch full compute")
     ax.set_xlabel("measured speedup over full compute (per image, guidance batch 2)")
@@ -541,8 +569,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def verdicts(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """Plain sentences: targets met or not, and whether delta-dit beats fewer steps and the output cache."""
+def verdicts(rows: dict[str, dict[str, Any]], boot: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Plain sentences: targets met or not, and whether delta-dit beats fewer steps and the output cache.
+
+    With ``boot`` (paired bootstrap FDs per row), each FD comparison also gets the 95% interval of the
+    FD difference, so a reader can tell a real difference from sampling noise."""
     full, d = rows["full"], rows["delta-dit"]
     out = []
     acc_gap = 100 * (full["accuracy"] - d["accuracy"])
@@ -558,11 +589,11 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> list[str]:
 
     for name, r in rows.items():
         if name.startswith("fewer steps") or name == "output-cache":
-            out.append(compare_rows(d, r))
+            out.append(compare_rows(d, r, boot))
     return out
 
 
-def compare_rows(d: dict[str, Any], other: dict[str, Any]) -> str:
+def compare_rows(d: dict[str, Any], other: dict[str, Any], boot: dict[str, np.ndarray] | None = None) -> str:
     """One sentence: does ``d`` beat ``other`` on quality (lower FD and accuracy at least as high)?"""
     fd_better, fd_worse = d["fd"] < other["fd"], d["fd"] > other["fd"]
     acc_better, acc_worse = d["accuracy"] > other["accuracy"], d["accuracy"] < other["accuracy"]
@@ -577,7 +608,18 @@ def compare_rows(d: dict[str, Any], other: dict[str, Any]) -> str:
     return (f"{d['name']} {word} {other['name']} on quality: FD {d['fd']:.2f} vs {other['fd']:.2f}, accuracy "
             f"{100 * d['accuracy']:.1f}% vs {100 * other['accuracy']:.1f}%, PSNR vs full {_fmt(d['psnr'], '.1f')} vs "
             f"{_fmt(other['psnr'], '.1f')} dB; bound {_fmt(d.get('bound'), '.2f')}× vs {_fmt(other.get('bound'), '.2f')}×, "
-            f"measured speedup {_fmt(d.get('speedup'), '.2f')}× vs {_fmt(other.get('speedup'), '.2f')}×")
+            f"measured speedup {_fmt(d.get('speedup'), '.2f')}× vs {_fmt(other.get('speedup'), '.2f')}×"
+            + _fd_interval(d, other, boot))
+
+
+def _fd_interval(d, other, boot) -> str:
+    if not boot or d["name"] not in boot or other["name"] not in boot:
+        return ""
+    diff = boot[d["name"]] - boot[other["name"]]
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    sig = "significant" if (lo > 0 or hi < 0) else "not significant"
+    return (f"; FD difference {d['fd'] - other['fd']:+.2f}, paired-bootstrap 95% interval [{lo:+.2f}, {hi:+.2f}] "
+            f"({sig})")
 
 
 # ================================================================ CLI
@@ -590,7 +632,8 @@ def compare_rows(d: dict[str, Any], other: dict[str, Any]) -> str:
 @click.option("--samples-per-digit", type=int, default=50, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (shared by all rows).")
 @click.option("--steps", "num_steps", type=int, default=20, show_default=True)
-@click.option("--guidance", type=float, default=4.5, show_default=True)
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale (default: the shipped model's, from its model card).")
 @click.option("--repeats", type=int, default=15, show_default=True, help="Timed runs per row (median reported).")
 @click.option("--threads", type=int, default=None,
               help="CPU threads of ONNX Runtime and PyTorch for the latency measurement (default: all cores).")
@@ -604,7 +647,7 @@ def compare_rows(d: dict[str, Any], other: dict[str, Any]) -> str:
 @click.option("--out", type=click.Path(file_okay=False), default=str(DEFAULT_OUT), show_default=True,
               help="Folder for quality.json, speedup_vs_fd.png and sample grids.")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
-              help="Cache of per-row samples (default <engines>/eval-cache); --work '' disables it.")
+              help="Cache of per-row samples (default <engines>.eval-cache next to the export); --work '' disables it.")
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,
          tuning_images, out, work):
     """Measure Δ-DiT's quality and speed on pixart-digits against full compute, fewer steps and other caches."""
@@ -614,7 +657,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     from .cli import user_errors
     from .digits import load_digit_split, prompt_for_digit
     from .generate import (
-        comparison_image, encode_prompts, grid_image, initial_noise, load_text_encoder,
+        comparison_image, encode_prompts, grid_image, initial_noise, load_text_encoder, model_guidance,
         rebuild_torch_model, save_png, scheduler_config_of, to_uint8,
     )
 
@@ -649,6 +692,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         raise click.ClickException(str(exc)) from None
     m = runtime.manifest
     encoder = load_text_encoder(m, warn=lambda s: log(f"warning: {s}"))
+    guidance = guidance if guidance is not None else model_guidance(m.model["name"])
     digits = np.repeat(np.arange(10), samples_per_digit)
     embeds, mask = encode_prompts(encoder, [prompt_for_digit(int(d)) for d in digits])
     negative = encode_prompts(encoder, [""])
@@ -662,7 +706,8 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         mdl.load_state_dict(state)
         return mdl.eval().requires_grad_(False)
 
-    work_dir = None if work == "" else Path(work) if work else folder / "eval-cache"
+    # Next to the export, not inside it: a re-export replaces the whole export folder.
+    work_dir = None if work == "" else Path(work) if work else folder.parent / f"{folder.name}.eval-cache"
     # Everything a row's samples depend on besides the row itself: engines, sampler config, text encoder, noise.
     fingerprint = json.dumps({"manifest": m.export.get("cache_key"), "segments": [s.sha256 for s in m.segments],
                               "scheduler": sched_cfg, "encoder": encoder.to_config(), "seed": seed, "n": len(digits),
@@ -707,6 +752,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
             "accuracy": float(np.mean(pred == digits)),
             "per_digit_accuracy": [float(np.mean(pred[digits == d] == d)) for d in range(10)],
             "fd": frechet_distance_from_stats(*feature_stats(clf.features(x)), *ref_stats),
+            "_features": clf.features(x),
             "generation_seconds": round(g["seconds"], 1), "macs": g["macs"],
             "nonfinite": int((~torch.isfinite(x)).sum()),
         }
@@ -718,6 +764,9 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         took = "cached" if g["cached"] else f"{g['seconds']:.0f} s"
         log(f"  {row.name}: accuracy {100 * results[row.name]['accuracy']:.1f}%, FD {results[row.name]['fd']:.2f} "
             f"({took})")
+    boot = bootstrap_fd({k: r.pop("_features") for k, r in results.items()}, ref_stats)
+    for name, r in results.items():
+        r["fd_bootstrap_std"] = float(boot[name].std(ddof=1))
     full_macs = results.get("pytorch full", {}).get("macs")
     for name, r in results.items():
         ref = samples[r["reference"]] if r["reference"] in samples else None
@@ -750,7 +799,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
                          out_dir / "samples_delta-dit.png")
     cmp_path = save_png(comparison_image(samples["full"][grid_idx], samples["delta-dit"][grid_idx], 10,
                                          min(10, per), shown=min(3, per)), out_dir / "compare_full_vs_delta-dit.png")
-    lines = verdicts(results) if "delta-dit" in results and "full" in results else []
+    lines = verdicts(results, boot) if "delta-dit" in results and "full" in results else []
     report = {
         "model": {"name": m.model["name"], "params": m.model.get("params"), "num_layers": m.num_layers,
                   "cached_blocks": m.cached_blocks, "default_schedule": m.schedule,

@@ -21,6 +21,7 @@ Pixel-space models only: a latent model (pixart-alpha, DiT-XL/2) would need its 
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -35,7 +36,7 @@ import torch
 
 DEFAULT_MODEL = "pixart-digits"
 DEFAULT_ENGINES = Path("engines") / "pixart-digits-16-fp32"
-DEFAULT_GUIDANCE = 4.5  # the guidance scale of the shipped model card
+DEFAULT_GUIDANCE = 4.5  # PixArt-α's; a shipped model's own scale (its model card) takes precedence
 DEFAULT_SAMPLES = 8
 IMAGE_SCALE = 4  # nearest-neighbour upscaling of the 16×16 digits in the PNGs
 
@@ -86,6 +87,21 @@ def stale_extras(manifest) -> list[str]:
             if not copy.is_file() or copy.read_bytes() != f.read_bytes():
                 out.append(f"{sub}/{f.name}")
     return out
+
+
+def model_guidance(model_name: str) -> float:
+    """The guidance scale a shipped model was evaluated with (``training_summary.json`` → evaluation →
+    guidance_scale, the scale of its model card), else ``DEFAULT_GUIDANCE``."""
+    from .models import PACKAGE_WEIGHTS, REGISTRY
+
+    spec = REGISTRY.get(model_name)
+    if spec is not None and spec.bundled:
+        path = PACKAGE_WEIGHTS / spec.bundled / "training_summary.json"
+        try:
+            return float(json.loads(path.read_text())["evaluation"]["guidance_scale"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return DEFAULT_GUIDANCE
 
 
 def load_text_encoder(manifest, warn: Callable[[str], None] | None = None):
@@ -331,7 +347,8 @@ def median_latency(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
 @click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Images per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--steps", "num_steps", type=int, default=None, help="Denoising steps T (default: the manifest's, 20).")
-@click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True, help="Classifier-free guidance.")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale (default: the shipped model's, from its model card; else 4.5).")
 @click.option("--policy", default="delta-dit", show_default=True,
               help="Cache policy of the grid: delta-dit, delta-front, delta-rear, output-cache, none.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -367,6 +384,7 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
             click.echo(f"warning: {', '.join(stale)} in {folder} differ from the shipped {m.model['name']}: this export "
                        "predates the model's current sampler/encoder config; re-export with `deltadit-export --force`",
                        err=True)
+        guidance = guidance if guidance is not None else model_guidance(m.model["name"])
         schedule = runtime.schedule(policy, num_steps=num_steps)
         full_schedule = runtime.schedule("none", num_steps=schedule.num_steps)
     except (ManifestError, ScheduleError) + user_errors() as exc:

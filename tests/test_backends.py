@@ -565,3 +565,16 @@ def test_onnxruntime_cuda_matches_cpu(torch_export, ort_rt):
         for batch in (1, 2, 1):
             feeds = random_model_inputs(shape, batch, torch.Generator().manual_seed(batch))
             assert rel(ort_rt.forward(feeds), rt.forward(feeds)) <= 5e-3  # TF32 convolutions on the GPU
+
+
+def test_torch_compile_backend_matches_the_eager_programs_across_batch_sizes(torch_export, torch_rt):
+    """Inductor-compiled segments (``torch-compile``) give the eager programs' result at a new batch size
+    too. Tolerance TOL_ORT: Inductor fuses and reorders fp32 reductions like ONNX Runtime does."""
+    compiled = DeltaDiTRuntime(torch_export, backend="torch-compile", threads=1)
+    assert compiled.backend.name == "torch-compile"
+    assert all(isinstance(e.module, torch._dynamo.eval_frame.OptimizedModule) for e in compiled.engines.values())
+    model = rebuild_model(torch_export)
+    shape = model_shape(model, torch_rt.manifest.conditioning["tokens"])
+    for batch in (2, 3):
+        feeds = random_model_inputs(shape, batch, torch.Generator().manual_seed(300 + batch))
+        assert rel(torch_rt.forward(feeds), compiled.forward(feeds)) <= TOL_ORT, f"batch {batch}"

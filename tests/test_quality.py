@@ -86,6 +86,24 @@ def test_fd_tolerates_dead_feature_units():
     assert frechet_distance(x, x + v) == pytest.approx(9.0, abs=1e-6)
 
 
+def test_paired_bootstrap_of_fd():
+    """Every set is resampled with the same indices (rows share their seeds, so they are compared paired):
+    an identical copy gives identical FDs in every resample, and resample k of any set is exactly the FD of
+    that set's samples at the k-th index draw of PCG64(seed)."""
+    from deltadit_export.evaluate import bootstrap_fd, feature_stats
+
+    x = correlated_features(300)
+    v = np.full(x.shape[1], 0.5)
+    ref = feature_stats(correlated_features(300, seed=5))
+    boot = bootstrap_fd({"a": x, "b": x.copy(), "c": x + v}, ref, resamples=20, seed=3)
+    assert boot["a"].shape == (20,) and boot["a"].std() > 0
+    assert np.array_equal(boot["a"], boot["b"])
+    idx = np.random.Generator(np.random.PCG64(3)).integers(0, 300, size=(20, 300))
+    for k in (0, 19):
+        assert boot["c"][k] == pytest.approx(frechet_distance_from_stats(*feature_stats(x[idx[k]] + v), *ref), rel=1e-12)
+        assert boot["a"][k] == pytest.approx(frechet_distance_from_stats(*feature_stats(x[idx[k]]), *ref), rel=1e-12)
+
+
 # ---------------------------------------------------------------- PSNR
 
 
