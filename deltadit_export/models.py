@@ -10,6 +10,7 @@ names the value that is wrong and the ways out, before any heavy work starts.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -354,7 +355,10 @@ def build_model(spec: ModelSpec, source: WeightsSource, config: dict[str, Any] |
         if source.overrides:
             raise ModelError("--set only applies to --random-weights (it changes the architecture)")
         try:
-            model = cls.from_pretrained(source.path, torch_dtype=torch.float32, local_files_only=True)
+            # Without accelerate diffusers falls back to a full-memory load anyway, with a warning per load.
+            lean = importlib.util.find_spec("accelerate") is not None
+            model = cls.from_pretrained(source.path, torch_dtype=torch.float32, local_files_only=True,
+                                        low_cpu_mem_usage=lean)
         except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ModelError(
