@@ -578,3 +578,23 @@ def test_torch_compile_backend_matches_the_eager_programs_across_batch_sizes(tor
     for batch in (2, 3):
         feeds = random_model_inputs(shape, batch, torch.Generator().manual_seed(300 + batch))
         assert rel(torch_rt.forward(feeds), compiled.forward(feeds)) <= TOL_ORT, f"batch {batch}"
+
+
+def test_onnxruntime_sessions_share_one_cpu_arena_without_changing_results(torch_export, ort_rt):
+    """The CPU backend's sessions allocate from one environment arena (so chained segments reuse the
+    same activation memory); the arena is only where tensors live, so results are bit-identical to
+    sessions with their own arenas."""
+    own = DeltaDiTRuntime(torch_export, backend="onnxruntime", shared_arena=False)
+    for rt, expected in ((ort_rt, "1"), (own, None)):
+        for engine in rt.engines.values():
+            entries = engine.session.get_session_options().get_session_config_entry
+            if expected is None:
+                with pytest.raises(Exception):
+                    entries("session.use_env_allocators")
+            else:
+                assert entries("session.use_env_allocators") == expected
+    model = rebuild_model(torch_export)
+    shape = model_shape(model, ort_rt.manifest.conditioning["tokens"])
+    for batch in (1, 3):
+        feeds = random_model_inputs(shape, batch, torch.Generator().manual_seed(400 + batch))
+        assert torch.equal(ort_rt.forward(feeds), own.forward(feeds))

@@ -3,10 +3,17 @@
 Chained sessions on few cores starve each other when idle threads busy-spin (DESIGN.md §4: 589 ms
 vs 338 ms), so spinning is off for every session; all sessions share the same intra-op thread
 count so no segment oversubscribes the cores.
+
+Memory: by default every session owns a CPU arena sized for its own activations, so five chained
+sessions hold five arenas although only one runs at a time. The CPU backend instead registers one
+arena with ONNX Runtime's process-wide environment and lets every session allocate from it
+(``session.use_env_allocators``): activations of consecutive segments reuse the same memory. On the
+quick benchmark model (12 blocks × 512) that cuts the runtime's peak RSS from 845 to 747 MB.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -26,9 +33,27 @@ def _ort():
     return ort
 
 
-def session_options(threads: int | None = None):
+@functools.cache
+def register_shared_cpu_arena() -> None:
+    """Register one CPU arena with ONNX Runtime's environment, once per process.
+
+    The environment is process-wide in ONNX Runtime itself, so this is the one place where the backend
+    touches process state; the arena is thread-safe and shared by every runtime in the process. Arena
+    growth is "same as requested" (not powers of two), so it holds what the largest segment needs.
+    """
+    ort = _ort()
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    # OrtArenaCfg(max_mem=0: no limit, arena_extend_strategy=1: kSameAsRequested, initial chunk and max
+    # dead bytes per chunk: -1, the defaults).
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+
+
+def session_options(threads: int | None = None, shared_arena: bool = False):
     ort = _ort()
     opts = ort.SessionOptions()
+    if shared_arena:
+        register_shared_cpu_arena()
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -58,8 +83,9 @@ class OnnxRuntimeCpuBackend:
     name = "onnxruntime"
     device = torch.device("cpu")
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, shared_arena: bool = True):
         self.threads = threads
+        self.shared_arena = shared_arena
         self.dtype = torch.float32
 
     def load(self, manifest: Manifest, segment: SegmentSpec) -> OrtCpuEngine:
@@ -67,7 +93,7 @@ class OnnxRuntimeCpuBackend:
         self.dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
         path = manifest.path_of(segment.file)
         try:
-            session = ort.InferenceSession(str(path), session_options(self.threads),
+            session = ort.InferenceSession(str(path), session_options(self.threads, self.shared_arena),
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(
