@@ -22,3 +22,12 @@ def pixart_export(tmp_path_factory) -> Path:
 def dit_export(tmp_path_factory) -> Path:
     """A tiny DiT-XL/2-shaped export (6 blocks), shared read-only."""
     return export_tiny(tmp_path_factory.mktemp("exports") / "dit", "dit-xl-2")
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """torch on one thread for the test (restored after): for tests of tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

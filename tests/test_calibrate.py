@@ -24,13 +24,8 @@ from deltadit_export.split import diffusers_forward, random_model_inputs, model_
 from runtime.schedule import Cuts, DeltaDiTPolicy, NoCachePolicy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run tiny models: a second thread buys nothing there, and on a shared machine it costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: a second thread buys nothing there, and on a shared machine it costs a lot.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SCHED = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",

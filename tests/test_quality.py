@@ -27,13 +27,8 @@ from deltadit_export.evaluate import (
 from deltadit_export.generate import runtime_generate, torch_generate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run tiny models: a second thread buys nothing there, and on a shared machine it costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: a second thread buys nothing there, and on a shared machine it costs a lot.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- Fréchet distance
 
