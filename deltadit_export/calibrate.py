@@ -41,10 +41,11 @@ import torch
 
 from runtime.schedule import Cuts, DeltaDiTPolicy, NoCachePolicy, Schedule, StepPlan
 
+from .models import DEFAULT_GUIDANCE, model_guidance
+
 DEFAULT_PSNR_BUDGET = 30.0
 DEFAULT_PROMPTS = 4
 DEFAULT_INTERVALS = (2, 3, 4)
-DEFAULT_GUIDANCE = 4.5  # for models without a model card; a shipped model's own scale is used for it
 BOUNDARY_FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 1.0)
 
 
@@ -433,8 +434,6 @@ def calibrate_export_options(options, *, psnr_budget: float = DEFAULT_PSNR_BUDGE
     job = resolve(options)
     torch.set_grad_enabled(False)
     model = build_model(job.spec, job.source, job.config)
-    from .generate import model_guidance
-
     root = _bundled_root(job.spec, job.source)
     inputs = calibration_inputs(job.spec, model, num_prompts, guidance=model_guidance(job.spec.name),
                                 text_encoder_dir=root / "text_encoder" if root else None)

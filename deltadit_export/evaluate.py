@@ -657,9 +657,10 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     from .cli import user_errors
     from .digits import load_digit_split, prompt_for_digit
     from .generate import (
-        comparison_image, encode_prompts, grid_image, initial_noise, load_text_encoder, model_guidance,
+        comparison_image, encode_prompts, grid_image, initial_noise, load_text_encoder,
         rebuild_torch_model, save_png, scheduler_config_of, to_uint8,
     )
+    from .models import model_guidance
 
     t_start = time.perf_counter()
     log = lambda s: click.echo(s, err=True)  # noqa: E731
@@ -741,18 +742,19 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
 
     results: dict[str, dict[str, Any]] = {}
     samples: dict[str, torch.Tensor] = {}
+    features: dict[str, np.ndarray] = {}  # classifier features per row: FD now, the paired bootstrap after
     for row in rows:
         g = generate_row(setup, row, log)
         samples[row.name] = g["samples"]
         x = g["samples"]
         pred = clf.predict(x)
+        features[row.name] = clf.features(x)
         results[row.name] = {
             "name": row.name, "engine": row.engine, "num_steps": row.num_steps, "policy": row.policy,
             "hook": row.hook, "params": row.params, "note": row.note, "reference": row.reference,
             "accuracy": float(np.mean(pred == digits)),
             "per_digit_accuracy": [float(np.mean(pred[digits == d] == d)) for d in range(10)],
-            "fd": frechet_distance_from_stats(*feature_stats(clf.features(x)), *ref_stats),
-            "_features": clf.features(x),
+            "fd": frechet_distance_from_stats(*feature_stats(features[row.name]), *ref_stats),
             "generation_seconds": round(g["seconds"], 1), "macs": g["macs"],
             "nonfinite": int((~torch.isfinite(x)).sum()),
         }
@@ -764,7 +766,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         took = "cached" if g["cached"] else f"{g['seconds']:.0f} s"
         log(f"  {row.name}: accuracy {100 * results[row.name]['accuracy']:.1f}%, FD {results[row.name]['fd']:.2f} "
             f"({took})")
-    boot = bootstrap_fd({k: r.pop("_features") for k, r in results.items()}, ref_stats)
+    boot = bootstrap_fd(features, ref_stats)
     for name, r in results.items():
         r["fd_bootstrap_std"] = float(boot[name].std(ddof=1))
     full_macs = results.get("pytorch full", {}).get("macs")

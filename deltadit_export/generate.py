@@ -21,7 +21,6 @@ Pixel-space models only: a latent model (pixart-alpha, DiT-XL/2) would need its 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -34,9 +33,10 @@ import click
 import numpy as np
 import torch
 
+from .models import DEFAULT_GUIDANCE, model_guidance
+
 DEFAULT_MODEL = "pixart-digits"
 DEFAULT_ENGINES = Path("engines") / "pixart-digits-16-fp32"
-DEFAULT_GUIDANCE = 4.5  # PixArt-α's; a shipped model's own scale (its model card) takes precedence
 DEFAULT_SAMPLES = 8
 IMAGE_SCALE = 4  # nearest-neighbour upscaling of the 16×16 digits in the PNGs
 
@@ -87,21 +87,6 @@ def stale_extras(manifest) -> list[str]:
             if not copy.is_file() or copy.read_bytes() != f.read_bytes():
                 out.append(f"{sub}/{f.name}")
     return out
-
-
-def model_guidance(model_name: str) -> float:
-    """The guidance scale a shipped model was evaluated with (``training_summary.json`` → evaluation →
-    guidance_scale, the scale of its model card), else ``DEFAULT_GUIDANCE``."""
-    from .models import PACKAGE_WEIGHTS, REGISTRY
-
-    spec = REGISTRY.get(model_name)
-    if spec is not None and spec.bundled:
-        path = PACKAGE_WEIGHTS / spec.bundled / "training_summary.json"
-        try:
-            return float(json.loads(path.read_text())["evaluation"]["guidance_scale"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return DEFAULT_GUIDANCE
 
 
 def load_text_encoder(manifest, warn: Callable[[str], None] | None = None):

@@ -70,6 +70,8 @@ DIT_ARCH = dict(
 )
 # 20-step DPM-Solver defaults of DESIGN.md §2 (N=2, b=12); N_c is derived from L.
 DEFAULT_SCHEDULE = {"num_steps": 20, "interval": 2, "boundary": 12}
+# Classifier-free guidance of PixArt-α; a shipped model's own scale (its model card's) takes precedence.
+DEFAULT_GUIDANCE = 4.5
 
 REGISTRY: dict[str, ModelSpec] = {
     "pixart-digits": ModelSpec(
@@ -119,6 +121,19 @@ def get_spec(name: str) -> ModelSpec:
         return REGISTRY[name]
     except KeyError:
         raise ModelError(f"unknown model {name!r}: expected one of {', '.join(sorted(REGISTRY))}") from None
+
+
+def model_guidance(model_name: str) -> float:
+    """The guidance scale a shipped model was evaluated with (``training_summary.json`` → evaluation →
+    guidance_scale, the scale of its model card), else ``DEFAULT_GUIDANCE``."""
+    spec = REGISTRY.get(model_name)
+    if spec is not None and spec.bundled:
+        path = PACKAGE_WEIGHTS / spec.bundled / "training_summary.json"
+        try:
+            return float(json.loads(path.read_text())["evaluation"]["guidance_scale"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return DEFAULT_GUIDANCE
 
 
 # Architecture fields that must be positive integers when given with --set.

@@ -589,7 +589,7 @@ def test_onnxruntime_sessions_share_one_cpu_arena_without_changing_results(torch
         for engine in rt.engines.values():
             entries = engine.session.get_session_options().get_session_config_entry
             if expected is None:
-                with pytest.raises(Exception):
+                with pytest.raises(RuntimeError, match="does not have configuration"):
                     entries("session.use_env_allocators")
             else:
                 assert entries("session.use_env_allocators") == expected
