@@ -36,7 +36,14 @@ def user_errors() -> tuple[type[Exception], ...]:
               help="Override a diffusers config field (with --random-weights), e.g. --set num_layers=12.")
 @click.option("--cached-blocks", type=int, default=None,
               help="N_c, blocks skipped on cached steps; 1 ≤ N_c < L (default round(0.75·L): 21 of 28).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16 keeps LayerNorms in fp32; int8 quantizes the MatMul weights of the segments not in "
+                   "--keep-fp32 (ONNX Runtime dynamic quantization).")
+@click.option("--keep-fp32", "keep_fp32", default=None, metavar="SEGMENTS",
+              help="With --precision int8: segments kept in fp32, comma-separated, or none (default: embed,head).")
+@click.option("--int8-tolerance", type=float, default=None,
+              help="With --precision int8: the largest max relative error an int8 segment may have against fp32 "
+                   "(default 5e-2); a segment above it is refused.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default engines/<model>-<resolution>-<precision>).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset, 17–20.")
@@ -61,8 +68,8 @@ def user_errors() -> tuple[type[Exception], ...]:
               help="With --calibrate: worst per-sample PSNR vs full compute, dB.")
 @click.option("--calibrate-prompts", type=int, default=4, show_default=True,
               help="With --calibrate: samples (prompts) the sweep measures.")
-def main(model, resolution, weights, random_weights, seed, overrides, cached_blocks, precision, out, opset,
-         exporter, max_batch, num_steps, interval, boundary, backends, force, print_schedule, policy, quiet,
+def main(model, resolution, weights, random_weights, seed, overrides, cached_blocks, precision, keep_fp32,
+         int8_tolerance, out, opset, exporter, max_batch, num_steps, interval, boundary, backends, force, print_schedule, policy, quiet,
          calibrate, psnr_budget, calibrate_prompts):
     """Export a PixArt-α or DiT-XL/2 transformer as embed/front/middle/rear/head engines with a manifest."""
     from .exporter import ExportOptions, export, resolve
@@ -73,6 +80,7 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
             overrides=parse_overrides(overrides), cached_blocks=cached_blocks, precision=precision, out=out,
             opset=opset, exporter=exporter, max_batch=max_batch, num_steps=num_steps, interval=interval,
             boundary=boundary, backends=("onnx",) + tuple(b for b in backends if b != "onnx"), force=force,
+            keep_fp32=keep_fp32, int8_tolerance=int8_tolerance,
         )
         if print_schedule:
             job = resolve(options)
@@ -92,6 +100,8 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
                                                             num_prompts=calibrate_prompts, log=progress.note)
         result = export(options, Progress(stream=sys.stderr, quiet=quiet))
     except user_errors() as exc:
+        if getattr(exc, "table", None):  # the int8 gate: each segment's precision and error, then the Error line
+            click.echo(exc.table, err=True)
         raise click.ClickException(str(exc)) from None
     click.echo(result.summary())
     if calibration is not None:

@@ -50,7 +50,8 @@ from .models import (
 from .progress import Progress
 from .publish import mark_owner, publish, recover, staging_dir
 
-PRECISIONS = {"fp32": "float32", "fp16": "float16"}
+# The torch dtype each precision exports from: int8 segments are quantized from the fp32 export.
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 BACKENDS = ("onnx", "tensorrt", "torch")
 EXPORTERS = ("torchscript", "dynamo")
 ENGINES_DIR = Path("engines")
@@ -84,6 +85,10 @@ class ExportOptions:
     parity_batches: tuple[int, ...] = (1, 5)
     force: bool = False
     calibration: dict[str, Any] | None = None  # a calibration result to record (see calibrate.py)
+    # --precision int8 only: segments kept in fp32 (None: quantize.DEFAULT_KEEP_FP32, embed and head) and the
+    # gate's max relative error of an int8 segment against fp32 (None: quantize.INT8_TOLERANCE).
+    keep_fp32: tuple[str, ...] | None = None
+    int8_tolerance: float | None = None
 
     def cache_fields(self) -> dict[str, Any]:
         """The options that change the artifacts (not where they go or whether to rebuild)."""
@@ -101,6 +106,23 @@ class SegmentReport:
     bytes: int
     seconds: float
     rel_err: float | None
+    precision: str = "fp32"
+    tolerance: float | None = None  # the limit rel_err was held to
+    worst_batch: int | None = None
+
+
+def format_reports(reports: list[SegmentReport]) -> list[str]:
+    """The per-segment table of the export's summary (also shown when the int8 gate refuses)."""
+    lines = [f"{'segment':<8} {'precision':>9} {'blocks':>8} {'params':>12} {'file MB':>9} {'export s':>9} "
+             f"{'max rel err':>12} {'limit':>7}"]
+    for r in reports:
+        err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
+        limit = "-" if r.tolerance is None else f"{r.tolerance:.0e}"
+        flag = "  ← above the limit" if r.rel_err is not None and r.tolerance is not None and r.rel_err > r.tolerance \
+            else ""
+        lines.append(f"{r.name:<8} {r.precision:>9} {r.blocks:>8} {r.params:>12,} {r.bytes / 2**20:>9.1f} "
+                     f"{r.seconds:>9.1f} {err:>12} {limit:>7}{flag}")
+    return lines
 
 
 @dataclass
@@ -115,10 +137,11 @@ class ExportResult:
     def summary(self) -> str:
         if self.reused:
             return f"reused the existing export at {self.out} (same weights and options; --force rebuilds)"
-        lines = [f"{'segment':<8} {'blocks':>8} {'params':>12} {'file MB':>9} {'export s':>9} {'max rel err':>12}"]
-        for r in self.reports:
-            err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
-            lines.append(f"{r.name:<8} {r.blocks:>8} {r.params:>12,} {r.bytes / 2**20:>9.1f} {r.seconds:>9.1f} {err:>12}")
+        lines = format_reports(self.reports)
+        chain = self.manifest.export.get("chain_rel_err")
+        if chain is not None:
+            lines.append(f"whole chain (the engines in sequence) vs the fp32 torch model at batch 2: max rel err "
+                         f"{chain:.2e} (not gated: the per-segment errors compound)")
         total = sum(r.bytes for r in self.reports) / 2**20
         lines.append(f"total {total:.1f} MB in {self.seconds:.1f} s → {self.out}")
         return "\n".join(lines + self.notes)
@@ -147,6 +170,8 @@ class ResolvedExport:
     schedule: dict[str, Any]
     out: Path
     cache_key: str
+    keep_fp32: tuple[str, ...] = ()  # int8: segments exported in fp32
+    int8_tolerance: float | None = None  # int8: the gate's limit
 
 
 def resolve(options: ExportOptions) -> ResolvedExport:
@@ -232,8 +257,24 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         "torch": _torch_version(),
         "diffusers": _package_version("diffusers"),
     }
+    from .quantize import resolve_int8_options
+
+    try:
+        keep_fp32, int8_tolerance = resolve_int8_options(options.precision, options.keep_fp32, options.int8_tolerance,
+                                                         cuts, options.backends)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    if options.precision == "int8":
+        # The quantized files depend on the quantizer's version; the resolved lists make the default and the
+        # same list spelled out share one export.
+        fields.update(keep_fp32=list(keep_fp32), int8_tolerance=int8_tolerance)
+        key_material["quantizer"] = "onnxruntime " + _package_version("onnxruntime")
+    else:  # fp32/fp16 keys stay what they were before int8 existed
+        fields.pop("keep_fp32")
+        fields.pop("int8_tolerance")
     cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
-    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key)
+    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key, keep_fp32,
+                          int8_tolerance)
 
 
 def _package_version(name: str) -> str:
@@ -357,7 +398,9 @@ def keep_norms_fp32(model) -> None:
 def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) -> list[SegmentReport]:
     import torch
 
-    from .onnx_export import ExportError, check_parity, export_segment
+    from .onnx_export import TOLERANCES as PARITY_TOLERANCES
+    from .onnx_export import ExportError, check_parity, export_segment, measure_chain
+    from .quantize import export_int8_segment, int8_record
     from .split import model_shape, random_model_inputs, run_segments, split_model
 
     torch.set_grad_enabled(False)
@@ -383,26 +426,41 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
     for seg in segments:
         t = time.perf_counter()
         feeds = {b: {**env, "hidden": env.get(f"hidden@{seg.name}", env["hidden"])} for b, env in chains.items()}
-        path = tmp / f"{seg.name}.onnx"
-        with progress.segment(seg.name, phases=("export", "parity")) as bar:
-            bar.phase("export")
-            try:
-                extra = export_segment(seg, feeds[2], path, opset=job.options.opset, exporter=job.options.exporter)
-            except Exception as exc:
-                raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
-            bar.phase("parity")
-            try:
-                parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
-            except ExportError as exc:
-                kept = job.out.parent / f"{job.out.name}.{seg.name}.failed.onnx"
-                shutil.move(path, kept)
-                raise ExportError(f"{exc}; the failing ONNX is kept at {kept} for inspection") from None
+        int8 = job.options.precision == "int8" and seg.name not in job.keep_fp32
+        precision = "int8" if int8 else ("fp16" if dtype == "float16" else "fp32")
+        if int8:
+            path, extra, parity = export_int8_segment(seg, feeds, tmp, progress, opset=job.options.opset,
+                                                      exporter=job.options.exporter,
+                                                      batches=job.options.parity_batches)
+            tolerance = job.int8_tolerance
+        else:
+            path = tmp / f"{seg.name}.onnx"
+            with progress.segment(seg.name, phases=("export", "parity")) as bar:
+                bar.phase("export")
+                try:
+                    extra = export_segment(seg, feeds[2], path, opset=job.options.opset, exporter=job.options.exporter)
+                except Exception as exc:
+                    raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
+                bar.phase("parity")
+                try:
+                    parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
+                except ExportError as exc:
+                    kept = job.out.parent / f"{job.out.name}.{seg.name}.failed.onnx"
+                    shutil.move(path, kept)
+                    raise ExportError(f"{exc}; the failing ONNX is kept at {kept} for inspection") from None
+            tolerance = PARITY_TOLERANCES[dtype]
         size = path.stat().st_size + sum((tmp / e).stat().st_size for e in extra)
         blocks = f"{seg.blocks[0]}-{seg.blocks[1] - 1}" if seg.blocks else "-"
-        reports.append(SegmentReport(seg.name, blocks, seg.params, size, time.perf_counter() - t,
-                                     max(p.rel_err for p in parity)))
+        worst = max(parity, key=lambda p: p.rel_err)
+        reports.append(SegmentReport(seg.name, blocks, seg.params, size, time.perf_counter() - t, worst.rel_err,
+                                     precision, tolerance, worst.batch))
         specs.append(SegmentSpec(seg.name, seg.role, seg.blocks, path.name, file_sha256(path), seg.inputs,
-                                 seg.outputs, seg.params, tuple(extra), {e: file_sha256(tmp / e) for e in extra}))
+                                 seg.outputs, seg.params, tuple(extra), {e: file_sha256(tmp / e) for e in extra},
+                                 precision, worst.rel_err))
+    chain_rel_err = None
+    if job.options.precision == "int8":
+        _int8_gate(job, reports)
+        chain_rel_err = measure_chain(segments, [tmp / spec.file for spec in specs], chains[2])
     engines: dict[str, Any] = {}
     for backend in job.options.backends:
         if backend == "onnx":
@@ -436,12 +494,26 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         export={"cache_key": job.cache_key, "exporter": job.options.exporter, "opset": job.options.opset,
                 "deltadit": __version__, "torch": torch.__version__, "tokens": shape.tokens,
                 "width": shape.width, "vae_scale_factor": job.spec.vae_scale_factor,
-                "parity": {r.name: r.rel_err for r in reports}},
+                "parity": {r.name: r.rel_err for r in reports},
+                **({} if chain_rel_err is None else {"chain_rel_err": chain_rel_err, "int8": int8_record(job.keep_fp32, job.int8_tolerance)})},
         engines=engines,
         calibration=job.options.calibration,
     )
     write_manifest(manifest, tmp)
     return reports
+
+
+def _int8_gate(job: ResolvedExport, reports: list[SegmentReport]) -> None:
+    """Refuse the export when an int8 segment is above the tolerance, naming each one and the exact fix."""
+    from .onnx_export import ExportError
+    from .quantize import gate_refusal
+
+    failing = [(r.name, r.rel_err, r.worst_batch) for r in reports
+               if r.precision == "int8" and r.rel_err is not None and r.rel_err > job.int8_tolerance]
+    if failing:
+        error = ExportError(gate_refusal(failing, job.keep_fp32, job.int8_tolerance))
+        error.table = "\n".join(format_reports(reports))  # the CLI shows it above the Error line
+        raise error
 
 
 EXTRA_FOLDERS = ("text_encoder", "scheduler")

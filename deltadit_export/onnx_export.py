@@ -119,10 +119,13 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def check_parity(segment: Segment, path: Path, feeds_by_batch: dict[int, dict[str, torch.Tensor]],
-                 dtype: str) -> list[ParityResult]:
-    """Run the ONNX file and the torch module on the same inputs; fail loudly above the tolerance."""
-    tol = TOLERANCES[dtype]
+def measure_parity(segment: Segment, path: Path,
+                   feeds_by_batch: dict[int, dict[str, torch.Tensor]]) -> list[ParityResult]:
+    """Run the ONNX file and the torch module on the same inputs; the worst output's error per batch.
+
+    Raises for what no tolerance excuses (the file does not load, a shape differs, NaN/Inf); the caller
+    decides what error is acceptable (``check_parity`` for one tolerance, the int8 gate for several).
+    """
     try:
         sess = ort_session(path)
     except Exception as exc:  # an ONNX Runtime load error names an op, not the segment: add it
@@ -147,11 +150,37 @@ def check_parity(segment: Segment, path: Path, feeds_by_batch: dict[int, dict[st
             max_abs = float(np.abs(g - r).max(initial=0.0))
             rel = max_abs / max(float(np.abs(r).max(initial=0.0)), 1e-12)
             if rel >= worst.rel_err:
-                worst = ParityResult(segment.name, batch, max_abs, rel, rel <= tol)
-        if not worst.ok:
-            raise ExportError(
-                f"segment {segment.name!r} does not match torch at batch {batch}: relative error "
-                f"{worst.rel_err:.3g} > tolerance {tol:g} ({dtype})"
-            )
+                worst = ParityResult(segment.name, batch, max_abs, rel, True)
         results.append(worst)
     return results
+
+
+def check_parity(segment: Segment, path: Path, feeds_by_batch: dict[int, dict[str, torch.Tensor]],
+                 dtype: str) -> list[ParityResult]:
+    """Run the ONNX file and the torch module on the same inputs; fail loudly above the tolerance."""
+    tol = TOLERANCES[dtype]
+    results = measure_parity(segment, path, feeds_by_batch)
+    for worst in results:
+        worst.ok = worst.rel_err <= tol
+        if not worst.ok:
+            raise ExportError(
+                f"segment {segment.name!r} does not match torch at batch {worst.batch}: relative error "
+                f"{worst.rel_err:.3g} > tolerance {tol:g} ({dtype})"
+            )
+    return results
+
+
+def measure_chain(segments: list[Segment], paths: list[Path], env: dict[str, torch.Tensor]) -> float:
+    """The ONNX files run in sequence on the model inputs in ``env`` (a ``run_segments`` result), against
+    the torch chain's output there: how the per-segment errors compound (max relative error)."""
+    produced: dict[str, np.ndarray] = {}
+    for segment, path in zip(segments, paths):
+        sess = ort_session(path)
+        feeds = {t.name: produced[t.name] if t.name in produced else env[t.name].contiguous().numpy()
+                 for t in segment.inputs}
+        outs = sess.run([t.name for t in segment.outputs], feeds)
+        for spec, value in zip(segment.outputs, outs):
+            produced["hidden" if spec.name == "hidden_out" else spec.name] = value
+    ref = env["out"].float().numpy()
+    got = np.asarray(produced["out"], dtype=np.float32)
+    return float(np.abs(got - ref).max(initial=0.0) / max(float(np.abs(ref).max(initial=0.0)), 1e-12))

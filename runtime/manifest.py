@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,6 +27,10 @@ MANIFEST_NAME = "manifest.json"
 BATCH = "batch"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 SEGMENT_ROLES = {"embed": "embed", "front": "blocks", "middle": "blocks", "rear": "blocks", "head": "head"}
+# The export's precision and what each segment may then be: int8 exports are mixed (int8 segments and the
+# ones kept in fp32). A manifest without per-segment precision (written before it existed) has every
+# segment in the export's precision, which for those manifests is fp32 or fp16.
+SEGMENT_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "fp32")}
 FIX_REEXPORT = "re-export with `deltadit-export ... --force`"
 
 
@@ -55,6 +60,10 @@ class SegmentSpec:
     params: int = 0
     extra_files: tuple[str, ...] = ()  # external-data files next to the ONNX file
     extra_sha256: dict[str, str] = field(default_factory=dict, hash=False)  # sha256 of each extra file
+    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: weights of the token-wise MatMuls, see deltadit_export/quantize.py)
+    # The exporter's max relative error of this file against the torch segment (fp32 model for fp32 and int8
+    # segments, fp16 model for fp16) on its real inputs at the parity batches; None when not recorded.
+    rel_err: float | None = None
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -90,6 +99,11 @@ class Manifest:
     @property
     def segment_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.segments)
+
+    @property
+    def segment_precisions(self) -> dict[str, str]:
+        """Each segment's precision, e.g. ``{"embed": "fp32", "front": "int8", ...}``."""
+        return {s.name: s.precision for s in self.segments}
 
     def path_of(self, file: str) -> Path:
         """The path of a file the manifest names; refuses one that leaves the folder (``..``, absolute, symlink)."""
@@ -198,8 +212,18 @@ def _segment(d: Any, index: int) -> SegmentSpec:
     if len(set(names)) != len(names):
         raise ManifestError(f"manifest field `{where}.inputs` names an input twice ({names}); {FIX_REEXPORT}")
     params = d.get("params", 0)
+    precision = d.get("precision")  # None: an older manifest; the export's precision is filled in by the caller
+    if precision is not None and precision not in SEGMENT_PRECISIONS:
+        raise ManifestError(f"manifest field `{where}.precision` = {precision!r} is not one of "
+                            f"{', '.join(SEGMENT_PRECISIONS)}; {FIX_REEXPORT}")
+    rel_err = d.get("rel_err")
+    if rel_err is not None and (isinstance(rel_err, bool) or not isinstance(rel_err, (int, float))
+                                or not math.isfinite(rel_err) or rel_err < 0):
+        raise ManifestError(f"manifest field `{where}.rel_err` = {rel_err!r} must be a finite number ≥ 0 (the "
+                            f"exporter's measured error) or null; {FIX_REEXPORT}")
     return SegmentSpec(name, role, blocks, file, sha, inputs, outputs,
-                       params if isinstance(params, int) and not isinstance(params, bool) else 0, extra, extra_sha)
+                       params if isinstance(params, int) and not isinstance(params, bool) else 0, extra, extra_sha,
+                       precision or "", None if rel_err is None else float(rel_err))
 
 
 def _sha(value: Any, where: str) -> str:
@@ -252,6 +276,23 @@ def _check_wiring(segments: tuple[SegmentSpec, ...]) -> None:
     find(segments[-1].outputs, "out", segments[-1], "output")
 
 
+def _segment_precisions(segments: tuple[SegmentSpec, ...], precision: str) -> tuple[SegmentSpec, ...]:
+    """Fill in a missing per-segment precision (older manifests) and check each fits the export's precision."""
+    out = []
+    for i, seg in enumerate(segments):
+        if not seg.precision:
+            if precision == "int8":
+                raise ManifestError(f"manifest field `segments[{i}].precision` is missing: an int8 export names the "
+                                    f"precision of every segment (int8 or fp32); {FIX_REEXPORT}")
+            seg = replace(seg, precision=precision)
+        elif seg.precision not in SEGMENT_PRECISIONS[precision]:
+            raise ManifestError(f"manifest field `segments[{i}].precision` = {seg.precision!r} does not fit the "
+                                f"export's precision {precision!r} (its segments are "
+                                f"{' or '.join(SEGMENT_PRECISIONS[precision])}); {FIX_REEXPORT}")
+        out.append(seg)
+    return tuple(out)
+
+
 def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
     """Validate a parsed manifest and build the :class:`Manifest`. Raises ManifestError."""
     if not isinstance(d, dict):
@@ -293,6 +334,9 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
         raise ManifestError(f"manifest field `schedule.boundary` = {boundary} is out of range 0..{num_steps}; "
                             f"{FIX_REEXPORT}")
     precision = _require(d, "precision", str, "")
+    if precision not in SEGMENT_PRECISIONS:
+        raise ManifestError(f"manifest field `precision` = {precision!r} is not one of {', '.join(SEGMENT_PRECISIONS)}; "
+                            f"{FIX_REEXPORT}")
     max_batch = _positive(d, "max_batch")
     conditioning = _require(d, "conditioning", dict, "")
     kind = _require(conditioning, "kind", str, "conditioning.")
@@ -302,7 +346,7 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
     if kind == "class":
         _positive(conditioning, "num_classes", 1, "conditioning.")
     raw_segments = _require(d, "segments", list, "")
-    segments = tuple(_segment(s, i) for i, s in enumerate(raw_segments))
+    segments = _segment_precisions(tuple(_segment(s, i) for i, s in enumerate(raw_segments)), precision)
     names = [s.name for s in segments]
     expected = ["embed"] + [n for n in ("front", "middle", "rear") if n in names] + ["head"]
     if names != expected or "front" not in names or "rear" not in names:
