@@ -426,13 +426,12 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
     for seg in segments:
         t = time.perf_counter()
         feeds = {b: {**env, "hidden": env.get(f"hidden@{seg.name}", env["hidden"])} for b, env in chains.items()}
-        int8 = job.options.precision == "int8" and seg.name not in job.keep_fp32
-        precision = "int8" if int8 else ("fp16" if dtype == "float16" else "fp32")
-        if int8:
-            path, extra, parity = export_int8_segment(seg, feeds, tmp, progress, opset=job.options.opset,
-                                                      exporter=job.options.exporter,
-                                                      batches=job.options.parity_batches)
-            tolerance = job.int8_tolerance
+        precision = "fp16" if dtype == "float16" else "fp32"
+        if job.options.precision == "int8" and seg.name not in job.keep_fp32:
+            path, extra, parity, precision = export_int8_segment(
+                seg, feeds, tmp, progress, opset=job.options.opset, exporter=job.options.exporter,
+                batches=job.options.parity_batches)
+            tolerance = job.int8_tolerance if precision == "int8" else PARITY_TOLERANCES[dtype]
         else:
             path = tmp / f"{seg.name}.onnx"
             with progress.segment(seg.name, phases=("export", "parity")) as bar:

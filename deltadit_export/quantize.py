@@ -192,27 +192,47 @@ def resolve_int8_options(precision: str, keep_fp32, int8_tolerance, cuts,
     return keep, tolerance
 
 
+def weight_matmuls(path: Path) -> int:
+    """How many MatMuls of an ONNX file have a weight (an initializer) as their second input."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return sum(1 for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights)
+
+
 def export_int8_segment(seg, feeds: dict, tmp: Path, progress, *, opset: int, exporter: str,
-                        batches: tuple[int, ...]) -> tuple[Path, list[str], list]:
+                        batches: tuple[int, ...]) -> tuple[Path, list[str], list, str]:
     """Export the fp32 ONNX into a scratch folder of the staging folder ``tmp``, quantize it into
     ``<seg>.int8.onnx``, measure it against the fp32 torch segment (``feeds``: its real inputs per batch).
-    Returns the file, its external-data files and the parity results; the exporter applies the gate over
-    all segments afterwards."""
-    from .onnx_export import ExportError, export_segment, measure_parity
 
-    path = tmp / int8_file_name(seg.name)
+    Returns the file, its external-data files, the parity results and the precision: ``int8``, or ``fp32``
+    for a segment without a weight MatMul (DiT's embed is a Conv and a sum), which is then exported as it is
+    and held to the fp32 parity tolerance. The exporter applies the int8 gate over all segments afterwards.
+    """
+    from .onnx_export import ExportError, check_parity, export_segment, measure_parity
+
     scratch = tmp / f".fp32-{seg.name}"
     scratch.mkdir()
+    fp32 = scratch / f"{seg.name}.onnx"
     try:
         with progress.segment(seg.name, phases=("export", "quantize", "parity")) as bar:
             bar.phase("export")
             try:
-                export_segment(seg, feeds[2], scratch / f"{seg.name}.onnx", opset=opset, exporter=exporter)
+                extra = export_segment(seg, feeds[2], fp32, opset=opset, exporter=exporter)
             except Exception as exc:
                 raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
             bar.phase("quantize")
+            if not weight_matmuls(fp32):  # nothing to quantize: the fp32 file is the segment
+                path = tmp / fp32.name
+                for name in (fp32.name, *extra):
+                    os.replace(scratch / name, tmp / name)  # the graph names its data file relatively
+                bar.phase("parity")
+                parity = check_parity(seg, path, {b: feeds[b] for b in batches}, "float32")
+                return path, extra, parity, "fp32"
+            path = tmp / int8_file_name(seg.name)
             try:
-                extra = quantize_segment(scratch / f"{seg.name}.onnx", path)
+                extra = quantize_segment(fp32, path)
             except QuantizeError as exc:
                 raise ExportError(str(exc)) from exc
             remove_tree(scratch)
@@ -220,7 +240,7 @@ def export_int8_segment(seg, feeds: dict, tmp: Path, progress, *, opset: int, ex
             parity = measure_parity(seg, path, {b: feeds[b] for b in batches})
     finally:
         remove_tree(scratch)
-    return path, extra, parity
+    return path, extra, parity, "int8"
 
 
 def int8_record(keep_fp32: tuple[str, ...], tolerance: float) -> dict:

@@ -2,9 +2,9 @@
 
 ``make_backend(name, **options)`` builds a backend by name; ``auto`` picks the fastest one that is usable
 here: TensorRT, then ONNX Runtime's CUDA provider, then the torch backend on CUDA, then ONNX Runtime on
-the CPU. A candidate is skipped when its libraries or a GPU are missing (its constructor raises
-BackendError) or, given the ``manifest``, when the export lacks its artifacts (no TensorRT engines,
-no torch programs). Options a candidate does not take (``threads`` for the CPU, ``cuda_graphs`` for
+the CPU (``openvino`` only by name). A candidate is skipped when its libraries or a GPU are missing (its
+constructor raises BackendError) or, given the ``manifest``, when the export lacks its artifacts (no
+TensorRT engines, no torch programs). Options a candidate does not take (``threads`` for the CPU, ``cuda_graphs`` for
 the GPU) are passed only to the candidates that take them.
 
 Each backend module is imported only when chosen, so a CPU-only install never imports CUDA code.
@@ -26,7 +26,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("runtime.backends.torch_backend", "TorchBackend"),  # device="cpu" | "cuda" (default: cuda if any)
     "torch-compile": ("runtime.backends.torch_backend", "TorchCompiledBackend"),  # Inductor, frozen weights
     "onnxruntime": ("runtime.backends.onnxruntime_backend", "OnnxRuntimeCpuBackend"),
+    "openvino": ("runtime.backends.openvino_backend", "OpenVinoBackend"),  # CPU, bf16 where the CPU has it
 }
+# openvino is never in it: its default bf16 arithmetic changes the results, which auto must not do behind
+# the user's back (and a speed self-test at start-up would make the choice depend on the machine's load).
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
 
 
