@@ -214,7 +214,7 @@ RANGE_CASES = [
     (dict(resolution=64.0), "--resolution=64.0 is out of range"),
     (dict(max_batch=0), "--max-batch=0 is out of range: expected an integer 1..256"),
     (dict(max_batch=257), "--max-batch=257 is out of range: expected an integer 1..256"),
-    (dict(precision="fp8"), "--precision 'fp8' is not one of fp32, fp16"),
+    (dict(precision="fp8"), "--precision 'fp8' is not one of fp32, fp16, int8"),
     (dict(opset=16), "--opset=16 is out of range: expected an integer 17..20"),
     (dict(opset=23), "--opset=23 is out of range: expected an integer 17..20"),
     (dict(exporter="onnxscript"), "--exporter 'onnxscript' is not one of torchscript, dynamo"),
