@@ -3,7 +3,9 @@
 Order of work (every check that can fail fast runs before the model is loaded):
 options → weights located and config checked → cache key → reuse an identical earlier export, or
 build everything in a temporary folder → ONNX per segment + checker + ONNX Runtime parity →
-optional backend artifacts → manifest → swap the folder into place.
+optional backend artifacts → manifest → swap the folder into place. With ``--precision int8`` the
+segments not kept in fp32 are quantized after their ONNX export and held to the int8 gate
+(``quantize.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .models import (
 )
 from .progress import Progress
 from .publish import mark_owner, publish, recover, staging_dir
+from .quantize import resolve_int8_options
 
 # The torch dtype each precision exports from: int8 segments are quantized from the fp32 export.
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
@@ -257,8 +260,6 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         "torch": _torch_version(),
         "diffusers": _package_version("diffusers"),
     }
-    from .quantize import resolve_int8_options
-
     try:
         keep_fp32, int8_tolerance = resolve_int8_options(options.precision, options.keep_fp32, options.int8_tolerance,
                                                          cuts, options.backends)
@@ -423,31 +424,8 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
     chains = {b: run_segments(segments, random_model_inputs(shape, b, torch.Generator().manual_seed(b),
                                                             dtype=torch_dtype)) for b in batches}
     reports, specs = [], []
-    for seg in segments:
-        t = time.perf_counter()
-        feeds = {b: {**env, "hidden": env.get(f"hidden@{seg.name}", env["hidden"])} for b, env in chains.items()}
-        precision = "fp16" if dtype == "float16" else "fp32"
-        if job.options.precision == "int8" and seg.name not in job.keep_fp32:
-            path, extra, parity, precision = export_int8_segment(
-                seg, feeds, tmp, progress, opset=job.options.opset, exporter=job.options.exporter,
-                batches=job.options.parity_batches)
-            tolerance = job.int8_tolerance if precision == "int8" else PARITY_TOLERANCES[dtype]
-        else:
-            path = tmp / f"{seg.name}.onnx"
-            with progress.segment(seg.name, phases=("export", "parity")) as bar:
-                bar.phase("export")
-                try:
-                    extra = export_segment(seg, feeds[2], path, opset=job.options.opset, exporter=job.options.exporter)
-                except Exception as exc:
-                    raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
-                bar.phase("parity")
-                try:
-                    parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
-                except ExportError as exc:
-                    kept = job.out.parent / f"{job.out.name}.{seg.name}.failed.onnx"
-                    shutil.move(path, kept)
-                    raise ExportError(f"{exc}; the failing ONNX is kept at {kept} for inspection") from None
-            tolerance = PARITY_TOLERANCES[dtype]
+
+    def record(seg, path: Path, extra: list[str], parity, precision: str, tolerance: float, t: float) -> None:
         size = path.stat().st_size + sum((tmp / e).stat().st_size for e in extra)
         blocks = f"{seg.blocks[0]}-{seg.blocks[1] - 1}" if seg.blocks else "-"
         worst = max(parity, key=lambda p: p.rel_err)
@@ -456,6 +434,32 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         specs.append(SegmentSpec(seg.name, seg.role, seg.blocks, path.name, file_sha256(path), seg.inputs,
                                  seg.outputs, seg.params, tuple(extra), {e: file_sha256(tmp / e) for e in extra},
                                  precision, worst.rel_err))
+
+    for seg in segments:
+        t = time.perf_counter()
+        feeds = {b: {**env, "hidden": env.get(f"hidden@{seg.name}", env["hidden"])} for b, env in chains.items()}
+        if job.options.precision == "int8" and seg.name not in job.keep_fp32:
+            path, extra, parity, precision = export_int8_segment(
+                seg, feeds, tmp, progress, opset=job.options.opset, exporter=job.options.exporter,
+                batches=job.options.parity_batches)
+            record(seg, path, extra, parity, precision,
+                   job.int8_tolerance if precision == "int8" else PARITY_TOLERANCES[dtype], t)
+            continue
+        path = tmp / f"{seg.name}.onnx"
+        with progress.segment(seg.name, phases=("export", "parity")) as bar:
+            bar.phase("export")
+            try:
+                extra = export_segment(seg, feeds[2], path, opset=job.options.opset, exporter=job.options.exporter)
+            except Exception as exc:
+                raise ExportError(f"segment {seg.name!r}: ONNX export failed: {exc}") from exc
+            bar.phase("parity")
+            try:
+                parity = check_parity(seg, path, {b: feeds[b] for b in job.options.parity_batches}, dtype)
+            except ExportError as exc:
+                kept = job.out.parent / f"{job.out.name}.{seg.name}.failed.onnx"
+                shutil.move(path, kept)
+                raise ExportError(f"{exc}; the failing ONNX is kept at {kept} for inspection") from None
+        record(seg, path, extra, parity, "fp16" if dtype == "float16" else "fp32", PARITY_TOLERANCES[dtype], t)
     chain_rel_err = None
     if job.options.precision == "int8":
         _int8_gate(job, reports)

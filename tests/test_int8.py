@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -304,3 +305,19 @@ def test_every_policy_runs_on_mixed_engines_close_to_fp32(fp32_and_int8, policy)
     if policy != "none":
         assert calls[1]["middle"] < 8  # the cache skipped int8 segments
     assert runs[1].generation.cache_bytes == runs[0].generation.cache_bytes
+
+
+# ---------------------------------------------------------------- the same model at another precision (hooks)
+
+
+def test_options_like_an_export_rebuild_it_exactly_and_at_int8(pixart_export, pixart_int8, tmp_path):
+    from deltadit_export.variants import export_options_like
+
+    for folder in (pixart_export, pixart_int8):  # same cache key: export() would reuse the folder
+        assert resolve(export_options_like(folder)).cache_key == load_manifest(folder).export["cache_key"]
+    as_int8 = export_options_like(pixart_export, precision="int8", out=str(pixart_int8))
+    assert resolve(as_int8).cache_key == load_manifest(pixart_int8).export["cache_key"]
+    assert export(as_int8, Progress(quiet=True)).reused
+    back = export_options_like(pixart_int8, precision="fp32")
+    assert back.keep_fp32 is None and back.int8_tolerance is None and back.out is None
+    assert resolve(replace(back, out=str(pixart_export))).cache_key == load_manifest(pixart_export).export["cache_key"]

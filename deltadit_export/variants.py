@@ -1,0 +1,56 @@
+"""The export options an existing export was made with, to export the same model another way.
+
+For comparisons across precisions (benchmark peers, evaluation rows, calibration of precision): from a
+folder, the options that rebuild it exactly (same cache key: ``export`` reuses the folder), and with
+changes, an export of the same weights and cuts at another precision::
+
+    from deltadit_export.exporter import export
+    from deltadit_export.variants import export_options_like
+
+    int8 = export(export_options_like("engines/pixart-digits-16-fp32", precision="int8")).out
+    # -> engines/pixart-digits-16-int8 (embed and head fp32); keep_fp32=..., int8_tolerance=..., out=... as needed
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from runtime.manifest import Manifest, load_manifest
+
+from .exporter import ExportOptions
+
+INT8_ONLY = ("keep_fp32", "int8_tolerance")
+
+
+def export_options_like(folder: str | os.PathLike | Manifest, **changes: Any) -> ExportOptions:
+    """The ``ExportOptions`` that made ``folder`` (its manifest), with ``changes`` applied.
+
+    Changing ``precision`` away from int8 drops the int8-only options; changing it to another precision
+    without ``out`` sends the export to that precision's default folder, not over this one.
+    """
+    m = folder if isinstance(folder, Manifest) else load_manifest(folder)
+    source = m.model.get("source", {})
+    kind = source.get("kind")
+    int8 = m.export.get("int8", {}) if m.precision == "int8" else {}
+    options = ExportOptions(
+        model=m.model["name"], resolution=m.resolution,
+        weights=source.get("path") if kind == "local" else None,
+        random_weights=kind == "random", seed=source.get("seed") or 0,
+        overrides=dict(source.get("overrides", {})) if kind == "random" else {},
+        cached_blocks=m.cached_blocks, precision=m.precision,
+        out=str(m.root) if m.root is not None else None,
+        opset=m.export.get("opset", 18), exporter=m.export.get("exporter", "torchscript"),
+        max_batch=m.max_batch // 2, num_steps=m.schedule["num_steps"], interval=m.schedule["interval"],
+        boundary=m.schedule["boundary"], backends=("onnx",) + tuple(sorted(m.engines)),
+        calibration=m.calibration,
+        keep_fp32=tuple(int8["keep_fp32"]) if "keep_fp32" in int8 else None,
+        int8_tolerance=int8.get("tolerance"),
+    )
+    if "precision" in changes and changes["precision"] != m.precision and "out" not in changes:
+        changes["out"] = None  # engines/<model>-<resolution>-<new precision>
+    options = replace(options, **changes)
+    if options.precision != "int8":
+        options = replace(options, **{k: None for k in INT8_ONLY if k not in changes})
+    return options
