@@ -121,8 +121,8 @@ def format_reports(reports: list[SegmentReport]) -> list[str]:
     for r in reports:
         err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
         limit = "-" if r.tolerance is None else f"{r.tolerance:.0e}"
-        flag = "  ← above the limit" if r.rel_err is not None and r.tolerance is not None and r.rel_err > r.tolerance \
-            else ""
+        above = r.rel_err is not None and r.tolerance is not None and r.rel_err > r.tolerance
+        flag = "  ← above the limit" if above else ""
         lines.append(f"{r.name:<8} {r.precision:>9} {r.blocks:>8} {r.params:>12,} {r.bytes / 2**20:>9.1f} "
                      f"{r.seconds:>9.1f} {err:>12} {limit:>7}{flag}")
     return lines
@@ -498,7 +498,8 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
                 "deltadit": __version__, "torch": torch.__version__, "tokens": shape.tokens,
                 "width": shape.width, "vae_scale_factor": job.spec.vae_scale_factor,
                 "parity": {r.name: r.rel_err for r in reports},
-                **({} if chain_rel_err is None else {"chain_rel_err": chain_rel_err, "int8": int8_record(job.keep_fp32, job.int8_tolerance)})},
+                **({} if chain_rel_err is None else
+                   {"chain_rel_err": chain_rel_err, "int8": int8_record(job.keep_fp32, job.int8_tolerance)})},
         engines=engines,
         calibration=job.options.calibration,
     )

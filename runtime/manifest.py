@@ -60,7 +60,7 @@ class SegmentSpec:
     params: int = 0
     extra_files: tuple[str, ...] = ()  # external-data files next to the ONNX file
     extra_sha256: dict[str, str] = field(default_factory=dict, hash=False)  # sha256 of each extra file
-    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: weights of the token-wise MatMuls, see deltadit_export/quantize.py)
+    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: the token-wise MatMul weights; deltadit_export/quantize.py)
     # The exporter's max relative error of this file against the torch segment (fp32 model for fp32 and int8
     # segments, fp16 model for fp16) on its real inputs at the parity batches; None when not recorded.
     rel_err: float | None = None
@@ -335,8 +335,8 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
                             f"{FIX_REEXPORT}")
     precision = _require(d, "precision", str, "")
     if precision not in SEGMENT_PRECISIONS:
-        raise ManifestError(f"manifest field `precision` = {precision!r} is not one of {', '.join(SEGMENT_PRECISIONS)}; "
-                            f"{FIX_REEXPORT}")
+        raise ManifestError(f"manifest field `precision` = {precision!r} is not one of "
+                            f"{', '.join(SEGMENT_PRECISIONS)}; {FIX_REEXPORT}")
     max_batch = _positive(d, "max_batch")
     conditioning = _require(d, "conditioning", dict, "")
     kind = _require(conditioning, "kind", str, "conditioning.")

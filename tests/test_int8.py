@@ -164,7 +164,8 @@ def _edited(folder: Path, edit) -> dict:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["segments"][1].update(precision="int4"), "`segments[1].precision` = 'int4' is not one of fp32, fp16, int8"),
+    (lambda d: d["segments"][1].update(precision="int4"),
+     "`segments[1].precision` = 'int4' is not one of fp32, fp16, int8"),
     (lambda d: d["segments"][1].update(precision="fp16"), "`segments[1].precision` = 'fp16' does not fit the export's "
                                                           "precision 'int8' (its segments are int8 or fp32)"),
     (lambda d: d["segments"][2].pop("precision"), "`segments[2].precision` is missing: an int8 export names"),
@@ -260,7 +261,8 @@ def test_int8_options_out_of_range_are_refused_before_any_work(tmp_path, kw, mes
 
 def test_cli_int8_option_errors_are_one_error_line(tmp_path):
     result = CliRunner().invoke(export_cli, ["--model", "pixart-alpha", "--random-weights", "--resolution",
-                                             str(TINY_RESOLUTION), "--keep-fp32", "embed", "--out", str(tmp_path / "o")])
+                                             str(TINY_RESOLUTION), "--keep-fp32", "embed",
+                                             "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.strip()] == [
         "Error: --keep-fp32 needs --precision int8 (with --precision fp32 no segment is quantized)"]

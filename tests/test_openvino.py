@@ -64,7 +64,8 @@ def test_fp32_inference_equals_onnxruntime(request, which, batch):
     _, feeds = _feeds(folder, batch)
     ort_out = DeltaDiTRuntime(folder, backend="onnxruntime", threads=1).forward(feeds)
     ov_rt = DeltaDiTRuntime(folder, backend="openvino", threads=1, inference_precision="f32")
-    assert ov_rt.backend.inference_precision == "f32" and "inference precision fp32 (asked for)" in ov_rt.backend.describe()
+    assert ov_rt.backend.inference_precision == "f32"
+    assert "inference precision fp32 (asked for)" in ov_rt.backend.describe()
     assert rel(ort_out, ov_rt.forward(feeds)) < FP32_TOL
 
 

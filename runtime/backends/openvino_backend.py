@@ -151,8 +151,8 @@ class OpenVinoBackend:
         self.dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
         path = manifest.path_of(segment.file)
         if path.suffix != ".onnx":
-            raise BackendError(f"segment {segment.name!r}: {path.name} is not an .onnx file; the openvino backend reads "
-                               f"the export's ONNX segments only; {FIX}")
+            raise BackendError(f"segment {segment.name!r}: {path.name} is not an .onnx file; the openvino backend "
+                               f"reads the export's ONNX segments only; {FIX}")
         try:
             named = external_data_files(path)
         except Exception as exc:
@@ -160,21 +160,22 @@ class OpenVinoBackend:
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {FIX}") from None
         unhashed = sorted(named - set(segment.extra_files))
         if unhashed:
-            raise BackendError(f"segment {segment.name!r}: {path.name} reads weights from {unhashed}, which the manifest "
-                               f"does not list (and so never verified) for this segment; {FIX}")
+            raise BackendError(f"segment {segment.name!r}: {path.name} reads weights from {unhashed}, which the "
+                               f"manifest does not list (and so never verified) for this segment; {FIX}")
         for file in named:
             manifest.path_of(file)  # inside the folder, no link out of it
         try:
             model = self.core.read_model(str(path))
             compiled = self.core.compile_model(model, "CPU", self._config())
         except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise BackendError(f"segment {segment.name!r}: OpenVINO cannot compile {path} ({type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); {FIX}") from None
+                               f"{first}); {FIX}") from None
         names = {n for port in compiled.inputs for n in port.get_names()}
         missing = [t.name for t in segment.inputs if t.name not in names]
         if missing:
-            raise BackendError(f"segment {segment.name!r}: {path} lacks inputs {missing} that the manifest lists; the file "
-                               f"does not belong to this manifest: {FIX}")
+            raise BackendError(f"segment {segment.name!r}: {path} lacks inputs {missing} that the manifest lists; the "
+                               f"file does not belong to this manifest: {FIX}")
         return OpenVinoEngine(compiled, segment)
 
     def describe(self) -> str:
