@@ -22,8 +22,8 @@ segment) at the parity batches, and its max relative error against the fp32 torc
 Why dynamic, not static: static QDQ quantization with activation ranges calibrated on the model's own
 activations (4 batches of the fp32 chain on random latents, timesteps and captions; MinMax or the 99.99th
 percentile) was measured on pixart-digits at 2–4× the dynamic error (front 3e-2 vs 1.5e-2, middle
-6e-2–7.8e-2 vs 2.2e-2, above the gate; rear 2e-2 vs 0.6e-2): a fixed range per tensor does not fit
-activations whose range moves with the timestep. It is not offered. (Activations from sampled
+6e-2–7.8e-2 vs 2.2e-2, above the gate; rear 2e-2 vs 0.6e-2), probably because a fixed range per
+tensor does not fit activations whose range moves with the timestep. It is not offered. (Activations from sampled
 generations were not tried; its possible speed gain was not measured.)
 """
 
