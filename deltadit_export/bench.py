@@ -1,7 +1,7 @@
 """``deltadit-bench``: latency, memory and accuracy of the runtime against PyTorch eager.
 
-Three modes run the same generation (1 image, classifier-free guidance as one batch of 2 =
-[uncond; cond], T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
+Three modes run the same generation (1 image, classifier-free guidance as one batch of 2 in the
+order of the model's diffusers pipeline (runtime/guidance.py), T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
 
 - ``eager``: the diffusers transformer rebuilt from what the manifest records (same weights, same
   dtype), called in a plain sampling loop under ``torch.inference_mode()`` in eval mode;
@@ -134,16 +134,20 @@ def make_scheduler(root: Path):
     return default_scheduler(SimpleNamespace(root=Path(root)))
 
 
-def guided_conditioning(manifest, inputs: dict[str, Any], dtype) -> dict[str, Any]:
-    """The diffusers forward's conditioning for the guided batch [uncond; cond] (eager and reference)."""
+def guided_conditioning(manifest, inputs: dict[str, Any], dtype, guide=None) -> dict[str, Any]:
+    """The diffusers forward's conditioning for the guided batch, in the family's order (eager and reference)."""
     import torch
+
+    from runtime.guidance import guidance_for
+
+    guide = guide or guidance_for(manifest, 2.0)  # any scale > 1: the guided order of the family
 
     c, h, w = manifest.sample_shape
     rows = 2
     if manifest.conditioning["kind"] == "caption":
         cond = {
-            "encoder_hidden_states": torch.cat([inputs["negative_embeds"], inputs["prompt_embeds"]]).to(dtype),
-            "encoder_attention_mask": torch.cat([inputs["negative_mask"], inputs["prompt_mask"]]).to(dtype),
+            "encoder_hidden_states": guide.batch(inputs["prompt_embeds"], inputs["negative_embeds"]).to(dtype),
+            "encoder_attention_mask": guide.batch(inputs["prompt_mask"].to(dtype), inputs["negative_mask"]).to(dtype),
         }
         if manifest.conditioning.get("micro_conditions"):
             vae = manifest.export.get("vae_scale_factor", 8)
@@ -151,8 +155,8 @@ def guided_conditioning(manifest, inputs: dict[str, Any], dtype) -> dict[str, An
             cond["aspect_ratio"] = torch.tensor([[h / w]], dtype=dtype).repeat(rows, 1)
         return cond
     labels = inputs["class_labels"].to(torch.int64)
-    null = torch.full_like(labels, int(manifest.conditioning.get("null_class", 1000)))
-    return {"class_labels": torch.cat([labels, null])}
+    null = torch.full_like(labels, int(manifest.conditioning["null_class"]))
+    return {"class_labels": guide.batch(labels, null)}
 
 
 # ============================================================================ eager and the reference Δ-DiT
@@ -195,25 +199,23 @@ def eager_generate(model, manifest, inputs: dict[str, Any], num_steps: int, guid
     """The PyTorch baseline: the diffusers forward in a plain guided DPM-Solver++ loop; returns final latents."""
     import torch
 
+    from runtime.guidance import guidance_for
+
     from .split import diffusers_forward
 
     dtype = next(model.parameters()).dtype
-    channels = manifest.sample_shape[0]
-    cond = guided_conditioning(manifest, inputs, dtype)
+    guide = guidance_for(manifest, guidance_scale)  # the family's guided batch, as its diffusers pipeline
+    cond = guided_conditioning(manifest, inputs, dtype, guide)
     scheduler.set_timesteps(num_steps)
-    latents = inputs["latents"].to(torch.float32) * scheduler.init_noise_sigma
+    state = guide.start(inputs["latents"].to(torch.float32) * scheduler.init_noise_sigma, scheduler)
     for i, t in enumerate(scheduler.timesteps):
         if on_step is not None:
             on_step(i)
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        feeds = {"sample": model_in.to(dtype), "timestep": torch.full((2,), float(t), dtype=dtype), **cond}
+        model_in = scheduler.scale_model_input(guide.model_input(state), t)
+        feeds = {"sample": model_in.to(dtype), "timestep": torch.full((len(model_in),), float(t), dtype=dtype), **cond}
         out = diffusers_forward(model, feeds).float()
-        uncond, text = out.chunk(2)
-        out = uncond + guidance_scale * (text - uncond)
-        if manifest.out_channels // 2 == channels:  # learned sigma: keep the noise prediction
-            out = out[:, :channels]
-        latents = scheduler.step(out, t, latents, return_dict=False)[0]
-    return latents
+        state = guide.step(scheduler, out, t, state, num_steps=num_steps)
+    return guide.result(state)
 
 
 class _DeltaState:

@@ -29,6 +29,7 @@ from runtime.manifest import (
     verify_segment_files,
     write_manifest,
 )
+from runtime.guidance import null_class
 from runtime.schedule import Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
 from . import __version__
@@ -417,7 +418,7 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         if job.spec.bundled:
             conditioning["text_encoder"] = "text_encoder"
     else:
-        conditioning = {"kind": "class", "num_classes": model.config.num_embeds_ada_norm, "null_class": 1000}
+        conditioning = {"kind": "class", "num_classes": shape.num_classes, "null_class": null_class(shape.num_classes)}
     _copy_bundled_extras(job, tmp)
     manifest = Manifest(
         model={"name": job.spec.name, "family": shape.family, "diffusers_class": job.spec.diffusers_class,

@@ -150,9 +150,10 @@ class DeltaDiTRuntime:
                                  f"(batch {batch}; {list(mi.spec.shape)} in the manifest)")
             want = TORCH_DTYPES[mi.spec.dtype]
             if want.is_floating_point:
-                # Timesteps may come as integers (diffusers schedulers); anything else must be floating.
-                if not (value.dtype.is_floating_point or (name == "timestep" and not value.dtype.is_complex
-                                                          and value.dtype != torch.bool)):
+                # Timesteps may come as integers (diffusers schedulers) and the caption mask as a tokenizer
+                # gives it (int64 or bool 1/0); anything else must be floating.
+                integral_ok = (name == "timestep" and value.dtype != torch.bool) or name == "encoder_attention_mask"
+                if not (value.dtype.is_floating_point or (integral_ok and not value.dtype.is_complex)):
                     raise InputError(f"input {name!r} has dtype {value.dtype}, expected a floating dtype "
                                      f"(the engines take {mi.spec.dtype})")
                 want = self.dtype
@@ -170,14 +171,20 @@ class DeltaDiTRuntime:
                                                          dtype=self.dtype)
         return feeds
 
+    @property
+    def null_class(self) -> int | None:
+        """The unconditional class id of a class-conditioned model (from the manifest), else None."""
+        cond = self.manifest.conditioning
+        return int(cond["null_class"]) if cond.get("kind") == "class" else None
+
     def _check_labels(self, labels: torch.Tensor) -> None:
         """Class ids index an embedding table: out of range they crash the engine or, negative, wrap silently."""
-        cond = self.manifest.conditioning
-        top = max(int(cond.get("num_classes", 1000)), int(cond.get("null_class", cond.get("num_classes", 1000))))
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high > top:
-            raise InputError(f"input 'class_labels' holds {low if low < 0 else high}, out of range: expected class ids "
-                             f"0..{top - 1}, or {top} for the unconditional (null) class")
+        classes, null = int(self.manifest.conditioning["num_classes"]), self.null_class
+        bad = (labels < 0) | ((labels >= classes) & (labels != null))
+        if bool(bad.any()):
+            value = int(labels[bad].flatten()[0])
+            raise InputError(f"input 'class_labels' holds {value}, out of range: expected class ids "
+                             f"0..{classes - 1}, or {null} for the unconditional (null) class")
 
     # ------------------------------------------------------------ execution
 

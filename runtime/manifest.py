@@ -300,7 +300,11 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
         raise ManifestError(f"manifest field `conditioning.kind` = {kind!r} is not one of {CONDITIONING_KINDS}; "
                             f"{FIX_REEXPORT}")
     if kind == "class":
-        _positive(conditioning, "num_classes", 1, "conditioning.")
+        classes = _positive(conditioning, "num_classes", 1, "conditioning.")
+        null = _require(conditioning, "null_class", int, "conditioning.")
+        if null != classes:  # DiT's label table has num_classes + 1 rows; the last is "no class"
+            raise ManifestError(f"manifest field `conditioning.null_class` = {null}, but a model with {classes} classes "
+                                f"has its unconditional class at {classes}; {FIX_REEXPORT}")
     raw_segments = _require(d, "segments", list, "")
     segments = tuple(_segment(s, i) for i, s in enumerate(raw_segments))
     names = [s.name for s in segments]

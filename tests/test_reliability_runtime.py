@@ -352,7 +352,8 @@ def test_generation_batch_and_misuse_refused(pix_rt, dit_rt):
     with pytest.raises(InputError, match="made by another runtime"):
         dit_rt.step(foreign, dit_inputs(dit_rt))
     with pytest.raises(InputError, match=r"batch 12 is out of range|batch size 12"):
-        generate(pix_rt, prompt_embeds=torch.randn(6, 120, 24), num_steps=2)  # 6 images × 2 (guidance) rows
+        generate(pix_rt, prompt_embeds=torch.randn(6, 120, 24), negative_embeds=torch.zeros(6, 120, 24),
+                 num_steps=2)  # 6 images × 2 (guidance) rows
     gen = pix_rt.new_generation(1, pix_rt.schedule("none", num_steps=1))
     pix_rt.step(gen, pix_inputs(pix_rt))
     with pytest.raises(GenerationError, match="all have run; start a new generation"):
@@ -470,7 +471,8 @@ def _run_alone(rt, seed: int, steps: int, barrier=None):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randn(1, 120, 24, generator=g)
     callback = (lambda i, latents: barrier.wait(timeout=60)) if barrier is not None else None
-    return generate(rt, prompt_embeds=prompt, num_steps=steps, generator=g, step_callback=callback).latents
+    return generate(rt, prompt_embeds=prompt, negative_embeds=torch.zeros_like(prompt), num_steps=steps, generator=g,
+                    step_callback=callback).latents
 
 
 def test_eight_threads_share_one_runtime(pix_rt):
@@ -540,7 +542,8 @@ def test_abandoned_generation_leaves_next_unaffected(pix_rt, pixart_export):
             raise Abandon
 
     with pytest.raises(Abandon):
-        generate(pix_rt, prompt_embeds=torch.randn(1, 120, 24), num_steps=6, step_callback=bail)
+        generate(pix_rt, prompt_embeds=torch.randn(1, 120, 24), negative_embeds=torch.zeros(1, 120, 24), num_steps=6,
+                 step_callback=bail)
     assert torch.equal(_run_alone(pix_rt, 7, 6), reference)
     # A step refused mid-generation (bad input, NaN) changes nothing: the same generation continues exactly.
     sched = pix_rt.schedule("delta-dit", num_steps=4, interval=2, boundary=2)
