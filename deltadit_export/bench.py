@@ -89,8 +89,8 @@ def make_inputs(manifest, root: Path, seed: int, prompt: str) -> dict[str, Any]:
 
     PixArt: real prompt embeddings from the shipped hashed-word text encoder when the export has one
     (``text_encoder/config.json``); otherwise seeded random caption states [1, tokens, channels] with a
-    mask keeping a seeded number of leading tokens. The negative is zeros with an all-ones mask (what
-    ``runtime.generate`` uses for a missing negative). DiT: a seeded class label; the negative is the null class.
+    mask keeping a seeded number of leading tokens. The negative is zeros with an all-ones mask (there is
+    no text encoder here to embed ""). DiT: a seeded class label; the negative is the null class.
     """
     import torch
 

@@ -509,6 +509,7 @@ def test_eight_threads_share_one_dropin(dit_rt):
 
     def loop(seed, barrier=None):
         x = dit_inputs(dit_rt, 2, seed=seed)
+        dropin.begin_generation(len(timesteps))  # not installed: each generation says its step count
         outs = []
         for t in timesteps:
             out = dropin(x["sample"], timestep=torch.tensor(t), class_labels=x["class_labels"]).sample
@@ -560,12 +561,17 @@ def test_abandoned_generation_leaves_next_unaffected(pix_rt, pixart_export):
 
 
 def test_abandoned_pipeline_call_in_dropin(dit_rt, dit_export):
-    """A pipeline loop that raises half-way; the next loop on the same drop-in starts a fresh generation (with
-    and without the scheduler hook) and equals a loop on a brand-new drop-in."""
+    """A hand-written loop that raises half-way; the next loop on the same drop-in starts a fresh generation and
+    equals a loop on a brand-new drop-in. Not installed, the drop-in refuses a restart whose step count it was not
+    told, rather than guessing it (installed, the scheduler says it: test_dropin)."""
+    from runtime.dropin import DropInError
+
     timesteps = [999.0 - 110 * i for i in range(8)]
     x = dit_inputs(dit_rt, 2, seed=3)
 
-    def loop(dropin, n=len(timesteps)):
+    def loop(dropin, n=len(timesteps), begin=True):
+        if begin:
+            dropin.begin_generation(len(timesteps))
         return [dropin(x["sample"], timestep=torch.tensor(t), class_labels=x["class_labels"]).sample
                 for t in timesteps[:n]]
 
@@ -573,7 +579,8 @@ def test_abandoned_pipeline_call_in_dropin(dit_rt, dit_export):
     dropin = DeltaDiTTransformer(dit_rt, "delta-dit")
     loop(dropin, 3)  # abandoned after 3 of 8 steps
     assert dropin.generation.step_index == 3
+    with pytest.raises(DropInError, match="does not know how many steps"):
+        loop(dropin, begin=False)  # the timestep went back up: a new generation, of unknown length
     assert all(torch.equal(a, b) for a, b in zip(loop(dropin), reference))
     loop(dropin, 5)
-    dropin.begin_generation(None)  # what install()'s set_timesteps hook does at the start of a pipeline call
     assert all(torch.equal(a, b) for a, b in zip(loop(dropin), reference))
