@@ -97,6 +97,9 @@ def make_inputs(manifest, root: Path, seed: int, prompt: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     c, h, w = manifest.sample_shape
     inputs: dict[str, Any] = {"latents": torch.randn((1, c, h, w), generator=g, dtype=torch.float32)}
+    from runtime.integrity import verify_companion_files
+
+    verify_companion_files(manifest)  # the text encoder config below is read from the (untrusted) folder
     cond = manifest.conditioning
     if cond["kind"] == "caption":
         encoder_dir = root / "text_encoder"
@@ -348,7 +351,7 @@ def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
 
         # The thread count is an option of the CPU backend only (auto passes it on to the candidates that take it).
         options = {"threads": threads} if spec["backend"] in ("auto", "onnxruntime") else {}
-        rt = DeltaDiTRuntime(root, backend=spec["backend"], **options)
+        rt = DeltaDiTRuntime(root, backend=spec["backend"], trust_artifacts=bool(spec.get("trust_artifacts")), **options)
         if rt.device.type != "cpu":
             progress(f"warning: the runtime runs on {rt.device} but the eager baseline on the CPU: the speedups "
                      "against eager are not like for like")
@@ -443,6 +446,7 @@ class BenchSettings:
     prompt: str = DEFAULT_PROMPT
     backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
     modes: tuple[str, ...] = MODES
+    trust_artifacts: bool = False  # allow backends whose artifacts can run code (--trust-artifacts)
 
 
 class BenchError(RuntimeError):
@@ -525,7 +529,8 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
         spec = {"engines": str(Path(engines).resolve()), "inputs": str(tmp / "inputs.pt"), "out_dir": str(tmp),
                 "num_steps": T, "interval": N, "boundary": b, "guidance_scale": settings.guidance_scale,
                 "repeats": settings.repeats, "warmup": settings.warmup, "threads": threads,
-                "backend": settings.backend, "reference": "delta-dit" in settings.modes}
+                "backend": settings.backend, "reference": "delta-dit" in settings.modes,
+                "trust_artifacts": settings.trust_artifacts}
         (tmp / "spec.json").write_text(json.dumps(spec))
         results = {mode: _spawn(mode, tmp / "spec.json", tmp) for mode in MODES if mode in settings.modes}
         if "delta-dit" in settings.modes and "eager" not in settings.modes:
@@ -772,6 +777,9 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="Runtime backend (onnxruntime: the CPU, like the eager baseline; auto: the fastest usable).")
+@click.option("--trust-artifacts", is_flag=True,
+              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
+              "for exports you made or trust. Without it auto uses ONNX Runtime.")
 @click.option("--modes", default=",".join(MODES), show_default=True,
               help="Comma-separated subset of eager,none,delta-dit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -779,7 +787,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
 @click.option("-q", "--quiet", is_flag=True, help="No export progress.")
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
-        backend, modes, json_path, quiet, **export_flags):
+        backend, trust_artifacts, modes, json_path, quiet, **export_flags):
     """Benchmark PyTorch eager vs the runtime (policy none) vs Δ-DiT, each mode in its own process."""
     from .cli import user_errors
 
@@ -792,12 +800,17 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
 
     if backend != "auto" and backend not in BACKENDS:
         raise click.BadParameter(f"{backend!r} is not auto or one of {', '.join(BACKENDS)}", param_hint="'--backend'")
+    from runtime.backends import backend_class, untrusted
+
+    if backend != "auto" and not trust_artifacts and getattr(backend_class(backend), "code_artifacts", None):
+        raise click.ClickException(untrusted(backend, backend_class(backend)))  # before any export or worker
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise click.BadParameter(f"the folder of {json_path} does not exist", param_hint="'--json'")
     folder = _engines_folder(ctx, engines, export_flags, quiet)
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
-                             backend=backend, modes=tuple(m for m in MODES if m in selected))
+                             backend=backend, modes=tuple(m for m in MODES if m in selected),
+                             trust_artifacts=trust_artifacts)
     try:
         report = run_bench(folder, settings, Path(json_path) if json_path else None)
     except user_errors() + (BenchError,) as exc:

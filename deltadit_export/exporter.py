@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtime.manifest import (
+    COMPANION_DIRS,
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
@@ -30,7 +31,8 @@ from runtime.manifest import (
     write_manifest,
 )
 from runtime.guidance import null_class
-from runtime.schedule import Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
+from runtime.integrity import verify_companion_files
+from runtime.schedule import MAX_STEPS, Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
 from . import __version__
 from .models import (
@@ -205,7 +207,7 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     for key in ("num_steps", "interval", "boundary"):
         if getattr(options, key) is not None:
             sched[key] = getattr(options, key)
-    _check_int("--steps", sched["num_steps"], 1)
+    _check_int("--steps", sched["num_steps"], 1, MAX_STEPS)
     _check_int("--interval", sched["interval"], 1, None, " (a full step every N steps)")
     if options.boundary is None and options.num_steps is not None:
         # The default boundary scales with T (12 of 20), by the runtime's rule.
@@ -261,6 +263,7 @@ def reusable(out: Path, cache_key: str) -> Manifest | None:
         if manifest.export.get("cache_key") != cache_key:
             return None
         verify_segment_files(manifest)
+        verify_companion_files(manifest)  # an export from before companions were hashed is rebuilt
     except ManifestError:
         return None
     return manifest
@@ -420,6 +423,9 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
     else:
         conditioning = {"kind": "class", "num_classes": shape.num_classes, "null_class": null_class(shape.num_classes)}
     _copy_bundled_extras(job, tmp)
+    # The runtime reads these configs (sampler, text encoder): hashed like the segments, verified at load.
+    companions = {f.relative_to(tmp).as_posix(): file_sha256(f) for sub in COMPANION_DIRS
+                  for f in sorted((tmp / sub).rglob("*")) if f.is_file()}
     manifest = Manifest(
         model={"name": job.spec.name, "family": shape.family, "diffusers_class": job.spec.diffusers_class,
                "config": model_config, "source": job.source.to_dict(), "params": sum(p.numel() for p in model.parameters())},
@@ -440,6 +446,7 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
                 "parity": {r.name: r.rel_err for r in reports}},
         engines=engines,
         calibration=job.options.calibration,
+        companion_files=companions,
     )
     write_manifest(manifest, tmp)
     return reports

@@ -335,8 +335,12 @@ def median_latency(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (median reported).")
 @click.option("--no-timing", is_flag=True, help="Skip the latency comparison.")
 @click.option("--threads", type=int, default=None, help="CPU threads of ONNX Runtime and PyTorch (default: all cores).")
+@click.option("--trust-artifacts", is_flag=True,
+              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
+              "for exports you made or trust. Without it auto uses ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="No export progress output.")
-def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads, quiet):
+def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads, trust_artifacts,
+         quiet):
     """Generate images with the exported engines and the Δ-DiT cache; compare with full compute and PyTorch eager."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -352,7 +356,7 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     torch.set_num_threads(threads)
     try:
         folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES, quiet=quiet)
-        runtime = DeltaDiTRuntime(folder, threads=threads)
+        runtime = DeltaDiTRuntime(folder, threads=threads, trust_artifacts=trust_artifacts)
         m = runtime.manifest
         if m.export.get("vae_scale_factor", 8) != 1:
             raise click.ClickException(f"{m.model['name']} works in a VAE latent space; deltadit-generate writes "

@@ -16,6 +16,7 @@ import torch
 
 from .backends import Backend, BackendError, make_backend
 from .generation import Generation, GenerationError
+from .integrity import check_companion_paths, check_onnx_external_data, verify_companion_files
 from .manifest import (Manifest, ManifestError, TensorSpec, check_segment_paths, load_manifest,
                        verify_segment_files)
 from .schedule import Cuts, Schedule, StepPlan, build_schedule, scaled_boundary
@@ -40,19 +41,30 @@ class ModelInput:
 
 
 class DeltaDiTRuntime:
-    """Runs an exported model. ``verify`` checks every file's sha256 before loading (``False`` skips it)."""
+    """Runs an exported model. ``verify`` checks every file's sha256 before loading (``False`` skips it).
+
+    ``trust_artifacts``: allow backends whose artifacts can run code when loaded (torch.export ``.pt2``
+    programs unpickle, TensorRT plans are native code); without it they are refused, and ``auto`` skips them.
+    Whatever the options, nothing is read from outside the folder, and no ONNX graph whose external data
+    points anywhere but its hashed weight files is handed to an engine library.
+    """
 
     def __init__(self, folder: str | os.PathLike | Manifest, backend: str | Backend = "auto", *,
-                 verify: bool = True, nan_policy: str = "error", **backend_options):
+                 verify: bool = True, nan_policy: str = "error", trust_artifacts: bool = False, **backend_options):
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r} is not one of {NAN_POLICIES}: 'error' (raise "
                              "NonFiniteError), 'fallback' (recompute a cached step in full), 'off' (no check)")
         self.manifest = folder if isinstance(folder, Manifest) else load_manifest(folder)
         check_segment_paths(self.manifest)
+        check_companion_paths(self.manifest)
+        self.verified = bool(verify)  # companion files read later (the sampler config) are checked likewise
         if verify:
             verify_segment_files(self.manifest)
-        self.backend = (make_backend(backend, manifest=self.manifest, **backend_options) if isinstance(backend, str)
-                        else backend)
+            verify_companion_files(self.manifest)
+        self.backend = (make_backend(backend, manifest=self.manifest, trust_artifacts=trust_artifacts,
+                                     **backend_options) if isinstance(backend, str) else backend)
+        if getattr(self.backend, "reads_onnx", True):  # every graph, before the first engine is created
+            check_onnx_external_data(self.manifest)
         self.nan_policy = nan_policy
         self.engines = {s.name: self._load(s) for s in self.manifest.segments}
         self.cuts = Cuts(self.manifest.num_layers, self.manifest.cached_blocks)

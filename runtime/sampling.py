@@ -18,17 +18,33 @@ import torch
 from .executor import DeltaDiTRuntime, InputError
 from .generation import Generation
 from .guidance import guidance_for
+from .integrity import read_companion
+from .manifest import MANIFEST_NAME, load_manifest
 from .schedule import Schedule
 
 
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
 def default_scheduler(runtime: DeltaDiTRuntime):
-    """DPM-Solver++ with the noise schedule shipped next to the engines, else the PixArt/DiT default."""
+    """DPM-Solver++ with the noise schedule shipped next to the engines, else the PixArt/DiT default.
+
+    In an engine folder the config is a companion file: read only from inside the folder and, unless the
+    runtime was built with ``verify=False``, only with the sha256 the manifest records.
+    """
     from diffusers import DPMSolverMultistepScheduler
 
     root = runtime.root
-    config_path = root / "scheduler" / "scheduler_config.json" if root is not None else None
-    if config_path is not None and config_path.is_file():
-        return DPMSolverMultistepScheduler.from_config(json.loads(config_path.read_text()))
+    config_path = root / SCHEDULER_CONFIG if root is not None else None
+    if config_path is not None and (config_path.is_file() or config_path.is_symlink()):
+        manifest = getattr(runtime, "manifest", None)
+        if manifest is None and (root / MANIFEST_NAME).is_file():
+            manifest = load_manifest(root)
+        if manifest is not None:  # an engine folder (else the package's own shipped weights)
+            text = read_companion(manifest, SCHEDULER_CONFIG, verify=getattr(runtime, "verified", True)).decode()
+        else:
+            text = config_path.read_text()
+        return DPMSolverMultistepScheduler.from_config(json.loads(text))
     # PixArt-α and DiT-XL/2 were trained with 1000 linear betas from 1e-4 to 2e-2, epsilon prediction.
     return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                                        beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2)

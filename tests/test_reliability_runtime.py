@@ -215,8 +215,9 @@ FILE_CASES = [
     ("graph-random", ".onnx", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), False),
     ("weights-bit-flipped", ".onnx.data", _flip, True),  # silently different weights: only the sha256 sees it
     ("weights-truncated", ".onnx.data", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), False),
+    # Same I/O, other weights; the copied graph reads front.onnx.data, not one of rear's hashed files: refused.
     ("other-segment", "", lambda p: [shutil.copy(p.parent / f"front{x}", p.parent / f"rear{x}")
-                                     for x in (".onnx", ".onnx.data")], True),  # same I/O, other weights
+                                     for x in (".onnx", ".onnx.data")], "location"),
 ]
 
 
@@ -248,6 +249,10 @@ def test_changed_segment_file_refused_naming_file(case, segment, pixart_export, 
         assert "is not a loadable ONNX file" in str(info.value)
     elif loadable is True:
         DeltaDiTRuntime(folder, verify=False)  # the user said they changed it on purpose
+    elif loadable == "location":  # verify=False skips hashes, never the external-data locations
+        with pytest.raises(ManifestError, match=r"keeps the data of tensor .* in 'front.onnx.data', which is not one "
+                                                r"of the segment's hashed weight files \(rear.onnx.data\)"):
+            DeltaDiTRuntime(folder, verify=False)
     else:
         try:
             DeltaDiTRuntime(folder, verify=False)

@@ -322,7 +322,8 @@ def main(argv=None) -> int:
         label = f"{backend}{' +graphs' if graphs else ''}"
         log(f"runtime {label}: loading")
         try:
-            rt = DeltaDiTRuntime(m.root, backend=backend, nan_policy="off", **options)
+            rt = DeltaDiTRuntime(m.root, backend=backend, nan_policy="off", trust_artifacts=True,  # exported here
+                                 **options)
             bound = rt.schedule("delta-dit", num_steps=args.steps).bound
             # parity: one call, then T steps of `none`
             stream = getattr(rt.backend, "stream", None)
