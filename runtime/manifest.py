@@ -361,6 +361,12 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
             raise ManifestError(f"segment {s.name!r} covers blocks {s.blocks}, expected {bounds[s.name]} from the cuts; "
                                 f"{FIX_REEXPORT}")
     _check_wiring(segments)
+    caption = next((t for t in segments[0].inputs if t.name == "encoder_hidden_states"), None)
+    if kind == "caption" and (caption is None or [conditioning.get("tokens"), conditioning.get("channels")]
+                              != list(caption.shape[1:])):
+        raise ManifestError(f"manifest field `conditioning` says tokens={conditioning.get('tokens')!r}, channels="
+                            f"{conditioning.get('channels')!r}, but segment 'embed' takes encoder_hidden_states "
+                            f"{list(caption.shape) if caption else 'not at all'}; {FIX_REEXPORT}")
     sample = next((t for t in segments[0].inputs if t.name == "sample"), None)
     if sample is None or list(sample.shape[1:]) != list(sample_shape):
         raise ManifestError(f"segment 'embed' input 'sample' is {list(sample.shape) if sample else 'missing'}, but "

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from tiny import TINY_PIXART_SET, set_args
 
 from runtime import DeltaDiTRuntime, ManifestError, ScheduleError, generate, load_manifest
-from runtime.backends import BackendError, make_backend
+from runtime.backends import BackendError
 from runtime.manifest import MANIFEST_NAME
 
 SEGMENTS = ("embed", "front", "middle", "rear", "head")
@@ -489,3 +489,12 @@ def test_companion_configs_bounded(digits_export, tmp_path):
         DeltaDiTRuntime(folder, backend=SpyBackend())
     with pytest.raises(ValueError, match="need dim <= 8192 and max_tokens <= 1024"):
         HashedWordEncoder.from_config({"kind": "hashed-words", "dim": 10**6, "max_tokens": 10**6})
+
+
+def test_caption_shape_in_conditioning_must_match_the_engines(pixart_export, tmp_path):
+    """bench and calibration allocate caption states from conditioning.tokens/channels: bounded by the engines."""
+    folder = copy_export(pixart_export, tmp_path)
+    edit_manifest(folder, lambda d: d["conditioning"].update(tokens=10**9))
+    with pytest.raises(ManifestError, match=r"says tokens=1000000000, channels=24, but segment 'embed' takes "
+                                            r"encoder_hidden_states \['batch', 120, 24\]"):
+        load_manifest(folder)
