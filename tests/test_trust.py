@@ -324,6 +324,9 @@ def test_changed_companion_file_refused(digits_export, tmp_path):
         DeltaDiTRuntime(folder, backend=SpyBackend())
     with pytest.raises(ManifestError, match="was changed or damaged after export"):
         default_scheduler(SimpleNamespace(root=folder))  # bench's and generate's path, without a runtime
+    from runtime.__main__ import main as runtime_main
+
+    assert runtime_main(["info", str(folder)]) == 1  # deltadit-runtime info verifies them too
     rt = DeltaDiTRuntime(folder, verify=False)  # the user said they changed it on purpose
     assert default_scheduler(rt).config.solver_order == 3
 
