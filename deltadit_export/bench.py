@@ -1,7 +1,7 @@
 """``deltadit-bench``: latency, memory and accuracy of the runtime against PyTorch eager.
 
-Three modes run the same generation (1 image, classifier-free guidance as one batch of 2 =
-[uncond; cond], T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
+Three modes run the same generation (1 image, classifier-free guidance as one batch of 2 in the
+order of the model's diffusers pipeline (runtime/guidance.py), T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
 
 - ``eager``: the diffusers transformer rebuilt from what the manifest records (same weights, same
   dtype), called in a plain sampling loop under ``torch.inference_mode()`` in eval mode;
@@ -89,14 +89,17 @@ def make_inputs(manifest, root: Path, seed: int, prompt: str) -> dict[str, Any]:
 
     PixArt: real prompt embeddings from the shipped hashed-word text encoder when the export has one
     (``text_encoder/config.json``); otherwise seeded random caption states [1, tokens, channels] with a
-    mask keeping a seeded number of leading tokens. The negative is zeros with an all-ones mask (what
-    ``runtime.generate`` uses for a missing negative). DiT: a seeded class label; the negative is the null class.
+    mask keeping a seeded number of leading tokens. The negative is zeros with an all-ones mask (there is
+    no text encoder here to embed ""). DiT: a seeded class label; the negative is the null class.
     """
     import torch
 
     g = torch.Generator().manual_seed(seed)
     c, h, w = manifest.sample_shape
     inputs: dict[str, Any] = {"latents": torch.randn((1, c, h, w), generator=g, dtype=torch.float32)}
+    from runtime.integrity import verify_companion_files
+
+    verify_companion_files(manifest)  # the text encoder config below is read from the (untrusted) folder
     cond = manifest.conditioning
     if cond["kind"] == "caption":
         encoder_dir = root / "text_encoder"
@@ -134,16 +137,20 @@ def make_scheduler(root: Path):
     return default_scheduler(SimpleNamespace(root=Path(root)))
 
 
-def guided_conditioning(manifest, inputs: dict[str, Any], dtype) -> dict[str, Any]:
-    """The diffusers forward's conditioning for the guided batch [uncond; cond] (eager and reference)."""
+def guided_conditioning(manifest, inputs: dict[str, Any], dtype, guide=None) -> dict[str, Any]:
+    """The diffusers forward's conditioning for the guided batch, in the family's order (eager and reference)."""
     import torch
+
+    from runtime.guidance import guidance_for
+
+    guide = guide or guidance_for(manifest, 2.0)  # any scale > 1: the guided order of the family
 
     c, h, w = manifest.sample_shape
     rows = 2
     if manifest.conditioning["kind"] == "caption":
         cond = {
-            "encoder_hidden_states": torch.cat([inputs["negative_embeds"], inputs["prompt_embeds"]]).to(dtype),
-            "encoder_attention_mask": torch.cat([inputs["negative_mask"], inputs["prompt_mask"]]).to(dtype),
+            "encoder_hidden_states": guide.batch(inputs["prompt_embeds"], inputs["negative_embeds"]).to(dtype),
+            "encoder_attention_mask": guide.batch(inputs["prompt_mask"].to(dtype), inputs["negative_mask"]).to(dtype),
         }
         if manifest.conditioning.get("micro_conditions"):
             vae = manifest.export.get("vae_scale_factor", 8)
@@ -151,8 +158,8 @@ def guided_conditioning(manifest, inputs: dict[str, Any], dtype) -> dict[str, An
             cond["aspect_ratio"] = torch.tensor([[h / w]], dtype=dtype).repeat(rows, 1)
         return cond
     labels = inputs["class_labels"].to(torch.int64)
-    null = torch.full_like(labels, int(manifest.conditioning.get("null_class", 1000)))
-    return {"class_labels": torch.cat([labels, null])}
+    null = torch.full_like(labels, int(manifest.conditioning["null_class"]))
+    return {"class_labels": guide.batch(labels, null)}
 
 
 # ============================================================================ eager and the reference Δ-DiT
@@ -195,25 +202,23 @@ def eager_generate(model, manifest, inputs: dict[str, Any], num_steps: int, guid
     """The PyTorch baseline: the diffusers forward in a plain guided DPM-Solver++ loop; returns final latents."""
     import torch
 
+    from runtime.guidance import guidance_for
+
     from .split import diffusers_forward
 
     dtype = next(model.parameters()).dtype
-    channels = manifest.sample_shape[0]
-    cond = guided_conditioning(manifest, inputs, dtype)
+    guide = guidance_for(manifest, guidance_scale)  # the family's guided batch, as its diffusers pipeline
+    cond = guided_conditioning(manifest, inputs, dtype, guide)
     scheduler.set_timesteps(num_steps)
-    latents = inputs["latents"].to(torch.float32) * scheduler.init_noise_sigma
+    state = guide.start(inputs["latents"].to(torch.float32) * scheduler.init_noise_sigma, scheduler)
     for i, t in enumerate(scheduler.timesteps):
         if on_step is not None:
             on_step(i)
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        feeds = {"sample": model_in.to(dtype), "timestep": torch.full((2,), float(t), dtype=dtype), **cond}
+        model_in = scheduler.scale_model_input(guide.model_input(state), t)
+        feeds = {"sample": model_in.to(dtype), "timestep": torch.full((len(model_in),), float(t), dtype=dtype), **cond}
         out = diffusers_forward(model, feeds).float()
-        uncond, text = out.chunk(2)
-        out = uncond + guidance_scale * (text - uncond)
-        if manifest.out_channels // 2 == channels:  # learned sigma: keep the noise prediction
-            out = out[:, :channels]
-        latents = scheduler.step(out, t, latents, return_dict=False)[0]
-    return latents
+        state = guide.step(scheduler, out, t, state, num_steps=num_steps)
+    return guide.result(state)
 
 
 class _DeltaState:
@@ -346,7 +351,7 @@ def run_worker(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
 
         # The thread count is an option of the CPU backend only (auto passes it on to the candidates that take it).
         options = {"threads": threads} if spec["backend"] in ("auto", "onnxruntime") else {}
-        rt = DeltaDiTRuntime(root, backend=spec["backend"], **options)
+        rt = DeltaDiTRuntime(root, backend=spec["backend"], trust_artifacts=bool(spec.get("trust_artifacts")), **options)
         if rt.device.type != "cpu":
             progress(f"warning: the runtime runs on {rt.device} but the eager baseline on the CPU: the speedups "
                      "against eager are not like for like")
@@ -441,6 +446,7 @@ class BenchSettings:
     prompt: str = DEFAULT_PROMPT
     backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
     modes: tuple[str, ...] = MODES
+    trust_artifacts: bool = False  # allow backends whose artifacts can run code (--trust-artifacts)
 
 
 class BenchError(RuntimeError):
@@ -523,7 +529,8 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
         spec = {"engines": str(Path(engines).resolve()), "inputs": str(tmp / "inputs.pt"), "out_dir": str(tmp),
                 "num_steps": T, "interval": N, "boundary": b, "guidance_scale": settings.guidance_scale,
                 "repeats": settings.repeats, "warmup": settings.warmup, "threads": threads,
-                "backend": settings.backend, "reference": "delta-dit" in settings.modes}
+                "backend": settings.backend, "reference": "delta-dit" in settings.modes,
+                "trust_artifacts": settings.trust_artifacts}
         (tmp / "spec.json").write_text(json.dumps(spec))
         results = {mode: _spawn(mode, tmp / "spec.json", tmp) for mode in MODES if mode in settings.modes}
         if "delta-dit" in settings.modes and "eager" not in settings.modes:
@@ -770,6 +777,9 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="Runtime backend (onnxruntime: the CPU, like the eager baseline; auto: the fastest usable).")
+@click.option("--trust-artifacts", is_flag=True,
+              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
+              "for exports you made or trust. Without it auto uses ONNX Runtime.")
 @click.option("--modes", default=",".join(MODES), show_default=True,
               help="Comma-separated subset of eager,none,delta-dit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -777,7 +787,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
 @click.option("-q", "--quiet", is_flag=True, help="No export progress.")
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
-        backend, modes, json_path, quiet, **export_flags):
+        backend, trust_artifacts, modes, json_path, quiet, **export_flags):
     """Benchmark PyTorch eager vs the runtime (policy none) vs Δ-DiT, each mode in its own process."""
     from .cli import user_errors
 
@@ -790,12 +800,17 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
 
     if backend != "auto" and backend not in BACKENDS:
         raise click.BadParameter(f"{backend!r} is not auto or one of {', '.join(BACKENDS)}", param_hint="'--backend'")
+    from runtime.backends import backend_class, untrusted
+
+    if backend != "auto" and not trust_artifacts and getattr(backend_class(backend), "code_artifacts", None):
+        raise click.ClickException(untrusted(backend, backend_class(backend)))  # before any export or worker
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise click.BadParameter(f"the folder of {json_path} does not exist", param_hint="'--json'")
     folder = _engines_folder(ctx, engines, export_flags, quiet)
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
-                             backend=backend, modes=tuple(m for m in MODES if m in selected))
+                             backend=backend, modes=tuple(m for m in MODES if m in selected),
+                             trust_artifacts=trust_artifacts)
     try:
         report = run_bench(folder, settings, Path(json_path) if json_path else None)
     except user_errors() + (BenchError,) as exc:

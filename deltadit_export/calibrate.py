@@ -114,7 +114,7 @@ class BlockStepper:
 class CalibrationInputs:
     """The conditioning of the calibration samples, as named model inputs (guidance halves included)."""
 
-    cond: dict[str, torch.Tensor]  # [uncond; cond] rows, 2·P
+    cond: dict[str, torch.Tensor]  # 2·P rows in the family's guided order (runtime/guidance.py)
     noise: torch.Tensor  # [P, C, H, W]
     description: str
     guidance: float
@@ -126,15 +126,17 @@ def calibration_inputs(spec, model, num_prompts: int, *, guidance: float = DEFAU
 
     pixart-digits (a shipped text encoder): prompts "a handwritten digit 0".. cycling over the digits,
     "" as the unconditional prompt. Other PixArt models (no T5 here): seeded random caption states
-    (unit normal, all tokens kept), zeros as the unconditional caption (the runtime's default).
-    DiT: class labels spread over the 1000 classes, null class 1000 for guidance.
+    (unit normal, all tokens kept), zeros as the unconditional caption (no text encoder here to embed "").
+    DiT: class labels spread over the config's classes, its null class for guidance.
     """
+    from runtime.guidance import Guidance, null_class
+
     from .split import model_shape
 
     shape = model_shape(model)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_prompts, shape.in_channels, shape.sample_size, shape.sample_size), generator=g)
-    guided = guidance > 1.0
+    guide = Guidance(shape.family, guidance, shape.in_channels, shape.out_channels)
     cond: dict[str, torch.Tensor] = {}
     if shape.family == "pixart":
         if text_encoder_dir is not None and (text_encoder_dir / "config.json").is_file():
@@ -153,51 +155,54 @@ def calibration_inputs(spec, model, num_prompts: int, *, guidance: float = DEFAU
             m = torch.ones(num_prompts, tokens)
             ne, nm = torch.zeros_like(e), torch.ones_like(m)
             desc = f"{num_prompts} seeded random caption states [{tokens}, {channels}] (no text encoder here)"
-        cond["encoder_hidden_states"] = torch.cat([ne, e]) if guided else e
-        cond["encoder_attention_mask"] = torch.cat([nm, m]) if guided else m
+        cond["encoder_hidden_states"] = guide.batch(e, ne)
+        cond["encoder_attention_mask"] = guide.batch(m, nm)
         if shape.micro_conditions:
             rows = len(cond["encoder_hidden_states"])
             res = float(shape.sample_size * 8)
             cond["resolution"] = torch.tensor([[res, res]]).repeat(rows, 1)
             cond["aspect_ratio"] = torch.ones(rows, 1)
     else:
-        labels = torch.tensor([(i * 997 // max(num_prompts, 1)) % 1000 for i in range(num_prompts)], dtype=torch.int64)
-        cond["class_labels"] = torch.cat([torch.full_like(labels, 1000), labels]) if guided else labels
-        desc = f"class labels {labels.tolist()}, null class 1000"
+        classes, null = shape.num_classes, null_class(shape.num_classes)
+        labels = torch.tensor([(i * 997 // max(num_prompts, 1)) % classes for i in range(num_prompts)], dtype=torch.int64)
+        cond["class_labels"] = guide.batch(labels, torch.full_like(labels, null))
+        desc = f"class labels {labels.tolist()}, null class {null}"
     return CalibrationInputs(cond, noise, desc, guidance)
 
 
-def _start(inputs: CalibrationInputs, scheduler_config: dict, num_steps: int):
+def _guidance(stepper: BlockStepper, inputs: CalibrationInputs):
+    """The runtime's guided batch for this model (runtime/guidance.py): the loop state is the guided latents."""
+    from runtime.guidance import Guidance
+
+    return Guidance(stepper.family, inputs.guidance, stepper.shape.in_channels, stepper.shape.out_channels)
+
+
+def _start(stepper: BlockStepper, inputs: CalibrationInputs, scheduler_config: dict, num_steps: int):
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler.from_config(scheduler_config)
     sched.set_timesteps(num_steps)
-    return inputs.noise * sched.init_noise_sigma, sched
+    return _guidance(stepper, inputs).start(inputs.noise * sched.init_noise_sigma, sched), sched
 
 
 def _step(stepper: BlockStepper, plan: StepPlan, cuts: Cuts, cache_mode: str, inputs: CalibrationInputs, x, sched,
           state: dict[str, torch.Tensor]) -> torch.Tensor:
     """One denoising step (the runtime's sampling loop, in PyTorch); ``state`` holds the deltas."""
     t = sched.timesteps[plan.index]
-    guided = inputs.guidance > 1.0
-    xin = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+    guide = _guidance(stepper, inputs)
+    xin = sched.scale_model_input(guide.model_input(x), t)
     feeds = dict(inputs.cond, sample=xin, timestep=torch.full((len(xin),), float(t)))
     out = stepper(plan, cuts, cache_mode, state, feeds).float()
-    if guided:
-        u, c = out.chunk(2)
-        out = u + inputs.guidance * (c - u)
-    if out.shape[1] == 2 * x.shape[1]:  # learned sigma
-        out = out[:, :x.shape[1]]
-    return sched.step(out, t, x, return_dict=False)[0]
+    return guide.step(sched, out, t, x, num_steps=len(sched.timesteps))
 
 
 def sample(stepper: BlockStepper, schedule: Schedule, inputs: CalibrationInputs, scheduler_config: dict) -> torch.Tensor:
     """Final samples of one generation following ``schedule``."""
-    x, sched = _start(inputs, scheduler_config, schedule.num_steps)
+    x, sched = _start(stepper, inputs, scheduler_config, schedule.num_steps)
     state: dict[str, torch.Tensor] = {}
     for plan in schedule.steps:
         x = _step(stepper, plan, schedule.cuts, schedule.cache_mode, inputs, x, sched, state)
-    return x
+    return _guidance(stepper, inputs).result(x)
 
 
 def sample_many(stepper: BlockStepper, schedules: list[Schedule], inputs: CalibrationInputs,
@@ -223,7 +228,7 @@ def sample_many(stepper: BlockStepper, schedules: list[Schedule], inputs: Calibr
     def walk(members: list[int], step: int, x, sched, state) -> None:
         if step == T:
             for i in members:
-                results[i] = x
+                results[i] = _guidance(stepper, inputs).result(x)
             return
         groups: dict[tuple, list[int]] = {}
         for i in members:
@@ -234,7 +239,7 @@ def sample_many(stepper: BlockStepper, schedules: list[Schedule], inputs: Calibr
             bx = _step(stepper, schedules[group[0]].steps[step], cuts, mode, inputs, bx, bsched, bstate)
             walk(group, step + 1, bx, bsched, bstate)
 
-    x, sched = _start(inputs, scheduler_config, T)
+    x, sched = _start(stepper, inputs, scheduler_config, T)
     walk(list(range(len(schedules))), 0, x, sched, {})
     return results
 

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from runtime.backends import BackendError
 from runtime.manifest import ManifestError
 from runtime.schedule import ScheduleError, build_schedule
 
@@ -13,7 +14,7 @@ from .models import DEFAULT_MODEL, REGISTRY, ModelError, parse_overrides
 from .progress import Progress
 
 # Errors that carry a complete message for the user (what is wrong, where, the fix): shown without a traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ModelError, ScheduleError, ManifestError)
+USER_ERRORS: tuple[type[Exception], ...] = (ModelError, ScheduleError, ManifestError, BackendError)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -648,8 +648,11 @@ def _fd_interval(d, other, boot) -> str:
               help="Folder for quality.json, speedup_vs_fd.png and sample grids.")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Cache of per-row samples (default <engines>.eval-cache next to the export); --work '' disables it.")
+@click.option("--trust-artifacts", is_flag=True,
+              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
+              "for exports you made or trust. Without it auto uses ONNX Runtime.")
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,
-         tuning_images, out, work):
+         tuning_images, out, work, trust_artifacts):
     """Measure Δ-DiT's quality and speed on pixart-digits against full compute, fewer steps and other caches."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -687,8 +690,9 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
             res = export(opts, Progress(stream=sys.stderr))
             if not res.reused:
                 log(res.summary())
-        runtime = DeltaDiTRuntime(folder, threads=gen_threads)
-        timing_runtime = runtime if gen_threads == threads else DeltaDiTRuntime(folder, threads=threads)
+        runtime = DeltaDiTRuntime(folder, threads=gen_threads, trust_artifacts=trust_artifacts)
+        timing_runtime = runtime if gen_threads == threads else DeltaDiTRuntime(folder, threads=threads,
+                                                                                 trust_artifacts=trust_artifacts)
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     m = runtime.manifest

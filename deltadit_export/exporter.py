@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtime.manifest import (
+    COMPANION_DIRS,
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
@@ -31,7 +32,9 @@ from runtime.manifest import (
     verify_segment_files,
     write_manifest,
 )
-from runtime.schedule import Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
+from runtime.guidance import null_class
+from runtime.integrity import verify_companion_files
+from runtime.schedule import MAX_STEPS, Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
 from . import __version__
 from .models import (
@@ -232,7 +235,7 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     for key in ("num_steps", "interval", "boundary"):
         if getattr(options, key) is not None:
             sched[key] = getattr(options, key)
-    _check_int("--steps", sched["num_steps"], 1)
+    _check_int("--steps", sched["num_steps"], 1, MAX_STEPS)
     _check_int("--interval", sched["interval"], 1, None, " (a full step every N steps)")
     if options.boundary is None and options.num_steps is not None:
         # The default boundary scales with T (12 of 20), by the runtime's rule.
@@ -302,6 +305,7 @@ def reusable(out: Path, cache_key: str) -> Manifest | None:
         if manifest.export.get("cache_key") != cache_key:
             return None
         verify_segment_files(manifest)
+        verify_companion_files(manifest)  # an export from before companions were hashed is rebuilt
     except ManifestError:
         return None
     return manifest
@@ -478,8 +482,11 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         if job.spec.bundled:
             conditioning["text_encoder"] = "text_encoder"
     else:
-        conditioning = {"kind": "class", "num_classes": model.config.num_embeds_ada_norm, "null_class": 1000}
+        conditioning = {"kind": "class", "num_classes": shape.num_classes, "null_class": null_class(shape.num_classes)}
     _copy_bundled_extras(job, tmp)
+    # The runtime reads these configs (sampler, text encoder): hashed like the segments, verified at load.
+    companions = {f.relative_to(tmp).as_posix(): file_sha256(f) for sub in COMPANION_DIRS
+                  for f in sorted((tmp / sub).rglob("*")) if f.is_file()}
     manifest = Manifest(
         model={"name": job.spec.name, "family": shape.family, "diffusers_class": job.spec.diffusers_class,
                "config": model_config, "source": job.source.to_dict(), "params": sum(p.numel() for p in model.parameters())},
@@ -502,6 +509,7 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
                    {"chain_rel_err": chain_rel_err, "int8": int8_record(job.keep_fp32, job.int8_tolerance)})},
         engines=engines,
         calibration=job.options.calibration,
+        companion_files=companions,
     )
     write_manifest(manifest, tmp)
     return reports

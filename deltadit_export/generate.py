@@ -210,32 +210,32 @@ def torch_generate(model, scheduler_config: dict, embeds: torch.Tensor, mask: to
                    forward: Callable | None = None) -> torch.Tensor:
     """The same sampling loop as ``runtime.sampling.generate``, on the diffusers model in PyTorch eager.
 
-    Same scheduler config, same noise scaling, [uncond; cond] batch order, guidance and timesteps as
+    Same scheduler config, same noise scaling, guided batch (runtime/guidance.py), guidance and timesteps as
     float32 (what the engines take). diffusers cache hooks on ``model`` get a fresh state per chunk and
     one cache context per call (``"cond_uncond"``: both halves run as one batch). ``forward(x, t, states,
     mask)`` replaces the model call (calibration's Δ-DiT stepper uses it).
     """
+    from runtime.guidance import Guidance
+
     chunk = chunk or len(noise)
     neg_e, neg_m = negative
-    guided = guidance_scale > 1.0
     channels = noise.shape[1]
+    # PixArt's guided batch and step, as PixArtAlphaPipeline (and runtime.generate) do them.
+    guide = Guidance("pixart", guidance_scale, channels, int(getattr(model, "out_channels", None) or channels))
     hooked = forward is None and has_cache_hooks(model)
     out = []
     for i in range(0, len(noise), chunk):
         n = len(noise[i:i + chunk])
         sched = make_scheduler(scheduler_config)
         sched.set_timesteps(num_steps)
-        x = noise[i:i + n].to(torch.float32) * sched.init_noise_sigma
-        if guided:
-            states = torch.cat([neg_e.expand(n, -1, -1), embeds[i:i + n]])
-            m = torch.cat([neg_m.expand(n, -1).to(mask.dtype), mask[i:i + n]])
-        else:
-            states, m = embeds[i:i + n], mask[i:i + n]
+        x = guide.start(noise[i:i + n].to(torch.float32) * sched.init_noise_sigma, sched)
+        states = guide.batch(embeds[i:i + n], neg_e.expand(n, -1, -1))
+        m = guide.batch(mask[i:i + n], neg_m.expand(n, -1))
         rows = len(states)
         if hooked:
             reset_cache_hooks(model)
         for step, t in enumerate(sched.timesteps):
-            xin = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            xin = sched.scale_model_input(guide.model_input(x), t)
             tt = torch.full((rows,), float(t), dtype=torch.float32)
             if forward is not None:
                 eps = forward(xin, tt, states, m)
@@ -246,16 +246,10 @@ def torch_generate(model, scheduler_config: dict, embeds: torch.Tensor, mask: to
                     eps = _call(model, xin, tt, states, m)
             else:
                 eps = _call(model, xin, tt, states, m)
-            eps = eps.float()
-            if guided:
-                e_u, e_c = eps.chunk(2)
-                eps = e_u + guidance_scale * (e_c - e_u)
-            if eps.shape[1] == 2 * channels:  # learned sigma: keep the noise prediction
-                eps = eps[:, :channels]
-            x = sched.step(eps, t, x, return_dict=False)[0]
+            x = guide.step(sched, eps.float(), t, x, num_steps=num_steps)
         if hooked:
             reset_cache_hooks(model)
-        out.append(x)
+        out.append(guide.result(x))
     return torch.cat(out)
 
 
@@ -341,8 +335,12 @@ def median_latency(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (median reported).")
 @click.option("--no-timing", is_flag=True, help="Skip the latency comparison.")
 @click.option("--threads", type=int, default=None, help="CPU threads of ONNX Runtime and PyTorch (default: all cores).")
+@click.option("--trust-artifacts", is_flag=True,
+              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
+              "for exports you made or trust. Without it auto uses ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="No export progress output.")
-def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads, quiet):
+def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads, trust_artifacts,
+         quiet):
     """Generate images with the exported engines and the Δ-DiT cache; compare with full compute and PyTorch eager."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -358,7 +356,7 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     torch.set_num_threads(threads)
     try:
         folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES, quiet=quiet)
-        runtime = DeltaDiTRuntime(folder, threads=threads)
+        runtime = DeltaDiTRuntime(folder, threads=threads, trust_artifacts=trust_artifacts)
         m = runtime.manifest
         if m.export.get("vae_scale_factor", 8) != 1:
             raise click.ClickException(f"{m.model['name']} works in a VAE latent space; deltadit-generate writes "

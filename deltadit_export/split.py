@@ -42,6 +42,7 @@ class ModelShape:
     caption_tokens: int = 0
     caption_channels: int = 0
     micro_conditions: bool = False
+    num_classes: int = 0  # DiT: class labels 0..num_classes-1, and num_classes for the null class
 
     @property
     def tokens(self) -> int:
@@ -62,6 +63,7 @@ def model_shape(model, caption_tokens: int = 0) -> ModelShape:
         caption_tokens=caption_tokens if family == "pixart" else 0,
         caption_channels=(cfg.caption_channels or cfg.cross_attention_dim) if family == "pixart" else 0,
         micro_conditions=bool(getattr(model, "use_additional_conditions", False)),
+        num_classes=int(cfg.num_embeds_ada_norm or 0) if family == "dit" else 0,
     )
 
 
@@ -311,7 +313,8 @@ def random_model_inputs(shape: ModelShape, batch: int, generator: torch.Generato
             feeds["resolution"] = torch.tensor([[res, res]], dtype=dtype).repeat(batch, 1)
             feeds["aspect_ratio"] = torch.ones(batch, 1, dtype=dtype)
     else:
-        feeds["class_labels"] = torch.randint(0, 1000, (batch,), generator=generator)
+        # The config's classes and the null class (its label table has num_classes + 1 rows).
+        feeds["class_labels"] = torch.randint(0, shape.num_classes + 1, (batch,), generator=generator)
     return feeds
 
 

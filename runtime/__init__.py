@@ -12,7 +12,7 @@ from .schedule import POLICY_NAMES, Schedule, ScheduleError, build_schedule
 __all__ = [
     "DeltaDiTRuntime", "Generation", "GenerationError", "InputError", "Manifest", "ManifestError",
     "NonFiniteError", "POLICY_NAMES", "Schedule", "ScheduleError", "build_schedule", "load_manifest",
-    "generate", "install", "DeltaDiTTransformer",
+    "generate", "install", "DeltaDiTTransformer", "DropInError",
 ]
 
 
@@ -23,7 +23,7 @@ def __getattr__(name):
         from .sampling import generate
 
         return generate
-    if name in ("install", "DeltaDiTTransformer"):
+    if name in ("install", "DeltaDiTTransformer", "DropInError"):
         from . import dropin
 
         return getattr(dropin, name)

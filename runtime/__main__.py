@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .integrity import verify_companion_files
 from .manifest import ManifestError, load_manifest, verify_segment_files
 from .schedule import POLICY_NAMES, ScheduleError, build_schedule, scaled_boundary
 
@@ -17,6 +18,7 @@ def _info(args) -> str:
     m = load_manifest(args.folder)
     if not args.no_verify:
         verify_segment_files(m)
+        verify_companion_files(m)
     lines = [
         f"{m.model['name']} ({m.model['diffusers_class']}, {m.model.get('params', 0):,} params), "
         f"resolution {m.resolution}, sample {list(m.sample_shape)}, {m.precision}, batch 1..{m.max_batch}",

@@ -16,6 +16,7 @@ import torch
 
 from .backends import Backend, BackendError, make_backend
 from .generation import Generation, GenerationError
+from .integrity import check_companion_paths, check_onnx_external_data, verify_companion_files
 from .manifest import (Manifest, ManifestError, TensorSpec, check_segment_paths, load_manifest,
                        verify_segment_files)
 from .schedule import Cuts, Schedule, StepPlan, build_schedule, scaled_boundary
@@ -40,19 +41,30 @@ class ModelInput:
 
 
 class DeltaDiTRuntime:
-    """Runs an exported model. ``verify`` checks every file's sha256 before loading (``False`` skips it)."""
+    """Runs an exported model. ``verify`` checks every file's sha256 before loading (``False`` skips it).
+
+    ``trust_artifacts``: allow backends whose artifacts can run code when loaded (torch.export ``.pt2``
+    programs unpickle, TensorRT plans are native code); without it they are refused, and ``auto`` skips them.
+    Whatever the options, nothing is read from outside the folder, and no ONNX graph whose external data
+    points anywhere but its hashed weight files is handed to an engine library.
+    """
 
     def __init__(self, folder: str | os.PathLike | Manifest, backend: str | Backend = "auto", *,
-                 verify: bool = True, nan_policy: str = "error", **backend_options):
+                 verify: bool = True, nan_policy: str = "error", trust_artifacts: bool = False, **backend_options):
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r} is not one of {NAN_POLICIES}: 'error' (raise "
                              "NonFiniteError), 'fallback' (recompute a cached step in full), 'off' (no check)")
         self.manifest = folder if isinstance(folder, Manifest) else load_manifest(folder)
         check_segment_paths(self.manifest)
+        check_companion_paths(self.manifest)
+        self.verified = bool(verify)  # companion files read later (the sampler config) are checked likewise
         if verify:
             verify_segment_files(self.manifest)
-        self.backend = (make_backend(backend, manifest=self.manifest, **backend_options) if isinstance(backend, str)
-                        else backend)
+            verify_companion_files(self.manifest)
+        self.backend = (make_backend(backend, manifest=self.manifest, trust_artifacts=trust_artifacts,
+                                     **backend_options) if isinstance(backend, str) else backend)
+        if getattr(self.backend, "reads_onnx", True):  # every graph, before the first engine is created
+            check_onnx_external_data(self.manifest)
         self.nan_policy = nan_policy
         self.engines = {s.name: self._load(s) for s in self.manifest.segments}
         self.cuts = Cuts(self.manifest.num_layers, self.manifest.cached_blocks)
@@ -150,9 +162,10 @@ class DeltaDiTRuntime:
                                  f"(batch {batch}; {list(mi.spec.shape)} in the manifest)")
             want = TORCH_DTYPES[mi.spec.dtype]
             if want.is_floating_point:
-                # Timesteps may come as integers (diffusers schedulers); anything else must be floating.
-                if not (value.dtype.is_floating_point or (name == "timestep" and not value.dtype.is_complex
-                                                          and value.dtype != torch.bool)):
+                # Timesteps may come as integers (diffusers schedulers) and the caption mask as a tokenizer
+                # gives it (int64 or bool 1/0); anything else must be floating.
+                integral_ok = (name == "timestep" and value.dtype != torch.bool) or name == "encoder_attention_mask"
+                if not (value.dtype.is_floating_point or (integral_ok and not value.dtype.is_complex)):
                     raise InputError(f"input {name!r} has dtype {value.dtype}, expected a floating dtype "
                                      f"(the engines take {mi.spec.dtype})")
                 want = self.dtype
@@ -170,14 +183,20 @@ class DeltaDiTRuntime:
                                                          dtype=self.dtype)
         return feeds
 
+    @property
+    def null_class(self) -> int | None:
+        """The unconditional class id of a class-conditioned model (from the manifest), else None."""
+        cond = self.manifest.conditioning
+        return int(cond["null_class"]) if cond.get("kind") == "class" else None
+
     def _check_labels(self, labels: torch.Tensor) -> None:
         """Class ids index an embedding table: out of range they crash the engine or, negative, wrap silently."""
-        cond = self.manifest.conditioning
-        top = max(int(cond.get("num_classes", 1000)), int(cond.get("null_class", cond.get("num_classes", 1000))))
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high > top:
-            raise InputError(f"input 'class_labels' holds {low if low < 0 else high}, out of range: expected class ids "
-                             f"0..{top - 1}, or {top} for the unconditional (null) class")
+        classes, null = int(self.manifest.conditioning["num_classes"]), self.null_class
+        bad = (labels < 0) | ((labels >= classes) & (labels != null))
+        if bool(bad.any()):
+            value = int(labels[bad].flatten()[0])
+            raise InputError(f"input 'class_labels' holds {value}, out of range: expected class ids "
+                             f"0..{classes - 1}, or {null} for the unconditional (null) class")
 
     # ------------------------------------------------------------ execution
 

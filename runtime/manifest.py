@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .schedule import MAX_STEPS
+
 FORMAT = "deltadit-manifest"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -32,6 +34,19 @@ SEGMENT_ROLES = {"embed": "embed", "front": "blocks", "middle": "blocks", "rear"
 # segment in the export's precision, which for those manifests is fp32 or fp16.
 SEGMENT_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "fp32")}
 FIX_REEXPORT = "re-export with `deltadit-export ... --force`"
+
+# Limits on what a manifest may ask for: a folder from elsewhere is untrusted input, and shapes, batch and step
+# counts decide how much memory and time the runtime spends. Every limit is far above any real export.
+MAX_MANIFEST_BYTES = 16 * 2**20  # real manifests: 10–200 KB (a calibration sweep adds ~20 KB)
+MAX_BATCH_ROWS = 1024  # rows per engine call; the exporter's --max-batch ≤ 256 images gives 512
+MAX_LAYERS = 1024  # PixArt-α and DiT-XL/2: 28
+MAX_RANK = 8
+MAX_ROW_ELEMENTS = 2**28  # elements of one tensor per batch row (1 GiB in fp32); PixArt-1024's hidden: 4.7M
+MAX_RESOLUTION = 2**16
+MAX_COMPANION_FILES = 256
+# Folders next to the engines that the runtime and the CLIs read (sampler and text encoder configs): every
+# file in them must be hashed in the manifest (``companion_files``).
+COMPANION_DIRS = ("scheduler", "text_encoder")
 
 
 class ManifestError(ValueError):
@@ -86,6 +101,7 @@ class Manifest:
     export: dict[str, Any] = field(default_factory=dict)  # exporter, opset, cache key, versions, timings
     engines: dict[str, Any] = field(default_factory=dict)  # backend-specific artifacts (tensorrt, torch)
     calibration: dict[str, Any] | None = None
+    companion_files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (scheduler/, ...)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     root: Path | None = field(default=None, compare=False)  # folder the manifest was loaded from
@@ -167,10 +183,20 @@ def _tensor(d: Any, where: str) -> TensorSpec:
     if dtype not in DTYPES:
         raise ManifestError(f"manifest field `{where}.dtype` = {dtype!r} is not one of {DTYPES}")
     shape = _require(d, "shape", list, f"{where}.")
+    if len(shape) > MAX_RANK:
+        raise ManifestError(f"manifest field `{where}.shape` has {len(shape)} axes, more than the {MAX_RANK} a tensor "
+                            f"of these models may have; {FIX_REEXPORT}")
+    per_row = 1
     for i, dim in enumerate(shape):
         ok = dim == BATCH if isinstance(dim, str) else (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0)
         if not ok:
             raise ManifestError(f"manifest field `{where}.shape[{i}]` = {dim!r}: expected a positive int or 'batch'")
+        per_row *= dim if isinstance(dim, int) else 1
+        if per_row > MAX_ROW_ELEMENTS:
+            raise ManifestError(
+                f"manifest field `{where}.shape` = {shape!r} asks for more than {MAX_ROW_ELEMENTS:,} elements per batch "
+                f"row (the limit; the largest real tensor, PixArt-α 1024's hidden states, has 4,718,592): the runtime "
+                f"refuses to allocate it; {FIX_REEXPORT}")
     return TensorSpec(name, dtype, tuple(shape))
 
 
@@ -213,7 +239,7 @@ def _segment(d: Any, index: int) -> SegmentSpec:
         raise ManifestError(f"manifest field `{where}.inputs` names an input twice ({names}); {FIX_REEXPORT}")
     params = d.get("params", 0)
     precision = d.get("precision")  # None: an older manifest; the export's precision is filled in by the caller
-    if precision is not None and precision not in SEGMENT_PRECISIONS:
+    if precision is not None and (not isinstance(precision, str) or precision not in SEGMENT_PRECISIONS):
         raise ManifestError(f"manifest field `{where}.precision` = {precision!r} is not one of "
                             f"{', '.join(SEGMENT_PRECISIONS)}; {FIX_REEXPORT}")
     rel_err = d.get("rel_err")
@@ -236,11 +262,22 @@ def _sha(value: Any, where: str) -> str:
 CONDITIONING_KINDS = ("caption", "class")
 
 
-def _positive(d: dict, key: str, low: int = 1, where: str = "") -> int:
+def _positive(d: dict, key: str, low: int = 1, where: str = "", high: int | None = None) -> int:
     value = _require(d, key, int, where)
     if value < low:
         raise ManifestError(f"manifest field `{where}{key}` = {value} must be ≥ {low}; {FIX_REEXPORT}")
+    if high is not None and value > high:
+        raise ManifestError(f"manifest field `{where}{key}` = {value} is out of range {low}..{high} (the limit of this "
+                            f"runtime; real exports stay far below it); {FIX_REEXPORT}")
     return value
+
+
+def _companions(d: dict) -> dict[str, str]:
+    files = d.get("companion_files", {})
+    if not isinstance(files, dict) or len(files) > MAX_COMPANION_FILES:
+        raise ManifestError(f"manifest field `companion_files` must map at most {MAX_COMPANION_FILES} file names to their "
+                            f"sha256; {FIX_REEXPORT}")
+    return {_safe_relative(k, f"companion_files[{k!r}]"): _sha(v, f"companion_files[{k!r}]") for k, v in files.items()}
 
 
 def _check_wiring(segments: tuple[SegmentSpec, ...]) -> None:
@@ -309,14 +346,14 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
     model = _require(d, "model", dict, "")
     for key in ("name", "family", "diffusers_class"):
         _require(model, key, str, "model.")
-    resolution = _positive(d, "resolution")
+    resolution = _positive(d, "resolution", high=MAX_RESOLUTION)
     sample_shape = _require(d, "sample_shape", list, "")
     if len(sample_shape) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
                                          for x in sample_shape):
         raise ManifestError(f"manifest field `sample_shape` must be [channels, height, width], got {sample_shape!r}; "
                             f"{FIX_REEXPORT}")
     out_channels = _positive(d, "out_channels")
-    num_layers = _positive(d, "num_layers", 2)
+    num_layers = _positive(d, "num_layers", 2, high=MAX_LAYERS)
     cached_blocks = _require(d, "cached_blocks", int, "")
     if not 1 <= cached_blocks < num_layers:
         raise ManifestError(f"manifest cached_blocks={cached_blocks} is out of range 1..{num_layers - 1}; "
@@ -327,7 +364,7 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
         raise ManifestError(f"manifest cuts {cuts!r} do not match N_c={cached_blocks}, L={num_layers} (a={a}, c={c}); "
                             f"{FIX_REEXPORT}")
     schedule = _require(d, "schedule", dict, "")
-    num_steps = _positive(schedule, "num_steps", 1, "schedule.")
+    num_steps = _positive(schedule, "num_steps", 1, "schedule.", high=MAX_STEPS)
     _positive(schedule, "interval", 1, "schedule.")
     boundary = _require(schedule, "boundary", int, "schedule.")
     if not 0 <= boundary <= num_steps:
@@ -337,14 +374,21 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
     if precision not in SEGMENT_PRECISIONS:
         raise ManifestError(f"manifest field `precision` = {precision!r} is not one of "
                             f"{', '.join(SEGMENT_PRECISIONS)}; {FIX_REEXPORT}")
-    max_batch = _positive(d, "max_batch")
+    max_batch = _positive(d, "max_batch", high=MAX_BATCH_ROWS)
     conditioning = _require(d, "conditioning", dict, "")
     kind = _require(conditioning, "kind", str, "conditioning.")
     if kind not in CONDITIONING_KINDS:
         raise ManifestError(f"manifest field `conditioning.kind` = {kind!r} is not one of {CONDITIONING_KINDS}; "
                             f"{FIX_REEXPORT}")
+    if isinstance(conditioning.get("text_encoder"), str) and conditioning["text_encoder"] not in COMPANION_DIRS:
+        raise ManifestError(f"manifest field `conditioning.text_encoder` = {conditioning['text_encoder']!r}: expected "
+                            f"'text_encoder' (the folder of the text encoder next to the engines); {FIX_REEXPORT}")
     if kind == "class":
-        _positive(conditioning, "num_classes", 1, "conditioning.")
+        classes = _positive(conditioning, "num_classes", 1, "conditioning.", high=2**31 - 2)
+        null = _require(conditioning, "null_class", int, "conditioning.")
+        if null != classes:  # DiT's label table has num_classes + 1 rows; the last is "no class"
+            raise ManifestError(f"manifest field `conditioning.null_class` = {null}, but a model with {classes} classes "
+                                f"has its unconditional class at {classes}; {FIX_REEXPORT}")
     raw_segments = _require(d, "segments", list, "")
     segments = _segment_precisions(tuple(_segment(s, i) for i, s in enumerate(raw_segments)), precision)
     names = [s.name for s in segments]
@@ -361,6 +405,12 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
             raise ManifestError(f"segment {s.name!r} covers blocks {s.blocks}, expected {bounds[s.name]} from the cuts; "
                                 f"{FIX_REEXPORT}")
     _check_wiring(segments)
+    caption = next((t for t in segments[0].inputs if t.name == "encoder_hidden_states"), None)
+    if kind == "caption" and (caption is None or [conditioning.get("tokens"), conditioning.get("channels")]
+                              != list(caption.shape[1:])):
+        raise ManifestError(f"manifest field `conditioning` says tokens={conditioning.get('tokens')!r}, channels="
+                            f"{conditioning.get('channels')!r}, but segment 'embed' takes encoder_hidden_states "
+                            f"{list(caption.shape) if caption else 'not at all'}; {FIX_REEXPORT}")
     sample = next((t for t in segments[0].inputs if t.name == "sample"), None)
     if sample is None or list(sample.shape[1:]) != list(sample_shape):
         raise ManifestError(f"segment 'embed' input 'sample' is {list(sample.shape) if sample else 'missing'}, but "
@@ -386,6 +436,7 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
         export=d.get("export", {}) if isinstance(d.get("export", {}), dict) else {},
         engines=d.get("engines", {}) if isinstance(d.get("engines", {}), dict) else {},
         calibration=d.get("calibration") if isinstance(d.get("calibration"), dict) else None,
+        companion_files=_companions(d),
         root=root,
     )
 
@@ -400,12 +451,28 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
             f"no manifest at {path}: this folder is not a finished export. "
             "Run `deltadit-export --model ... --out <folder>` first, or pass the folder that holds manifest.json"
         )
+    real = path.resolve()
+    if real.parent != path.parent.resolve():
+        raise ManifestError(f"{path} is a link to {real}, outside the engine folder {path.parent.resolve()}; copy the "
+                            "manifest in instead of linking it, or re-export")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path} is {size:,} bytes, more than the {MAX_MANIFEST_BYTES:,} a manifest may have (real "
+                                f"ones are under 1 MB): this is not a deltadit manifest; {FIX_REEXPORT}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows after the size check
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path} grew past {MAX_MANIFEST_BYTES:,} bytes while being read; {FIX_REEXPORT}")
+        data = json.loads(raw.decode("utf-8"))
+    except ManifestError:
+        raise
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); {FIX_REEXPORT}") from None
     except RecursionError:
         raise ManifestError(f"{path} is not a manifest (JSON nested too deeply); {FIX_REEXPORT}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ManifestError(f"{path} is not a manifest ({exc}); {FIX_REEXPORT}") from None
     except OSError as exc:
         raise ManifestError(f"cannot read {path}: {exc.strerror or exc}; check the folder's permissions") from None
     return manifest_from_dict(data, root=path.parent.resolve())

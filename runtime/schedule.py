@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 SEGMENT_ORDER = ("front", "middle", "rear")
 CACHE_RANGES = ("front", "rear")
 CACHE_MODES = ("delta", "output")
+# The longest schedule built: no diffusion sampler uses more than 1000 steps (DDPM), and a plan is built
+# step by step, so an unbounded T (10**9 from a hostile manifest or a typo) would hang instead of failing.
+MAX_STEPS = 10_000
+STEPS_HINT = " (longer schedules are refused: no sampler uses more than 1000 steps)"
 
 
 class ScheduleError(ValueError):
@@ -226,7 +230,7 @@ class NoCachePolicy:
     name: str = "none"
 
     def plan(self, num_steps: int, cuts: Cuts) -> Schedule:
-        _check_int("num_steps", num_steps, 1, None)
+        _check_int("num_steps", num_steps, 1, MAX_STEPS, STEPS_HINT)
         steps = tuple(_full_step(i, cuts, ()) for i in range(num_steps))
         return Schedule(self.name, num_steps, cuts, 1, num_steps, "delta", steps)
 
@@ -246,7 +250,7 @@ class DeltaDiTPolicy:
     name: str = "delta-dit"
 
     def plan(self, num_steps: int, cuts: Cuts) -> Schedule:
-        _check_int("num_steps", num_steps, 1, None)
+        _check_int("num_steps", num_steps, 1, MAX_STEPS, STEPS_HINT)
         _check_int("interval", self.interval, 1, None, " (the cache interval N: a full step every N steps)")
         if self.boundary is None:
             raise ScheduleError("boundary is not set: pass boundary=b with 0 ≤ b ≤ num_steps")

@@ -28,6 +28,8 @@ KIND = "hashed-words"
 CONFIG_NAME = "config.json"
 
 _WORD_RE = re.compile(r"[a-z0-9]+")
+MAX_DIM = 8192
+MAX_TOKENS = 1024
 
 
 def tokenize(prompt: str) -> list[str]:
@@ -60,6 +62,9 @@ class HashedWordEncoderConfig:
     def __post_init__(self) -> None:
         if self.dim < 2 or self.max_tokens < 1:
             raise ValueError(f"need dim >= 2 and max_tokens >= 1, got {self}")
+        # The config comes from the engine folder (untrusted): bound what it makes us allocate (T5-XXL: 4096 × 120).
+        if self.dim > MAX_DIM or self.max_tokens > MAX_TOKENS:
+            raise ValueError(f"need dim <= {MAX_DIM} and max_tokens <= {MAX_TOKENS}, got {self}")
 
 
 class HashedWordEncoder:

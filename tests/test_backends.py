@@ -70,7 +70,7 @@ def torch_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def torch_rt(torch_export):
-    return DeltaDiTRuntime(torch_export, backend="torch", device="cpu")
+    return DeltaDiTRuntime(torch_export, backend="torch", device="cpu", trust_artifacts=True)  # our own export
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +413,7 @@ def test_torch_backend_serves_two_threads_at_once(torch_rt):
 def test_torch_backend_without_programs_says_how_to_export_them(torch_export, tmp_path):
     folder = edited_copy(torch_export, tmp_path / "onnx-only", lambda d: d["engines"].pop("torch"))
     with pytest.raises(BackendError, match=r"--backend torch"):
-        DeltaDiTRuntime(folder, backend="torch", device="cpu")
+        DeltaDiTRuntime(folder, backend="torch", device="cpu", trust_artifacts=True)
 
 
 def test_torch_backend_refuses_a_changed_program(torch_export, tmp_path):
@@ -422,7 +422,7 @@ def test_torch_backend_refuses_a_changed_program(torch_export, tmp_path):
         f.write(b"\0")
     m = load_manifest(folder)
     with pytest.raises(BackendError, match=r"front.*changed after export"):
-        make_backend("torch", device="cpu").load(m, m.segment("front"))
+        make_backend("torch", device="cpu", trust_artifacts=True).load(m, m.segment("front"))
 
 
 def test_torch_backend_refuses_a_file_outside_the_folder(torch_export, tmp_path):
@@ -431,7 +431,7 @@ def test_torch_backend_refuses_a_file_outside_the_folder(torch_export, tmp_path)
 
     m = load_manifest(edited_copy(torch_export, tmp_path / "escape", escape))
     with pytest.raises(BackendError, match="not a plain file name"):
-        make_backend("torch", device="cpu").load(m, m.segment("head"))
+        make_backend("torch", device="cpu", trust_artifacts=True).load(m, m.segment("head"))
 
 
 def test_torch_backend_warns_when_another_torch_saved_the_programs(torch_export, tmp_path):
@@ -440,7 +440,7 @@ def test_torch_backend_warns_when_another_torch_saved_the_programs(torch_export,
 
     m = load_manifest(edited_copy(torch_export, tmp_path / "older", older))
     with pytest.warns(UserWarning, match=r"saved by torch 2\.0\.0"):
-        engine = make_backend("torch", device="cpu").load(m, m.segment("head"))
+        engine = make_backend("torch", device="cpu", trust_artifacts=True).load(m, m.segment("head"))
     assert engine.spec.name == "head"
 
 
@@ -521,8 +521,8 @@ def test_gpu_backends_name_what_is_missing(name, options, missing):
 def test_torch_backend_on_cuda_with_and_without_graphs(torch_export, torch_rt):
     model = rebuild_model(torch_export)
     shape = model_shape(model, torch_rt.manifest.conditioning["tokens"])
-    eager = DeltaDiTRuntime(torch_export, backend="torch", device="cuda")
-    graphed = DeltaDiTRuntime(torch_export, backend="torch", device="cuda", cuda_graphs=True)
+    eager = DeltaDiTRuntime(torch_export, backend="torch", device="cuda", trust_artifacts=True)
+    graphed = DeltaDiTRuntime(torch_export, backend="torch", device="cuda", cuda_graphs=True, trust_artifacts=True)
     for batch in (2, 1, 2):  # a new batch size captures a new graph; the old one is replayed again
         feeds = random_model_inputs(shape, batch, torch.Generator().manual_seed(batch))
         ref = torch_rt.forward(feeds)
@@ -548,7 +548,7 @@ def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path):
     ort = DeltaDiTRuntime(out, backend="onnxruntime")
     shape = model_shape(rebuild_model(out), m.conditioning["tokens"])
     for graphs in (False, True):
-        rt = DeltaDiTRuntime(out, backend="tensorrt", cuda_graphs=graphs)
+        rt = DeltaDiTRuntime(out, backend="tensorrt", cuda_graphs=graphs, trust_artifacts=True)
         assert rt.backend.scratch_bytes >= 0
         for batch in (1, 2, m.max_batch):
             feeds = random_model_inputs(shape, batch, torch.Generator().manual_seed(batch))
@@ -570,7 +570,7 @@ def test_onnxruntime_cuda_matches_cpu(torch_export, ort_rt):
 def test_torch_compile_backend_matches_the_eager_programs_across_batch_sizes(torch_export, torch_rt):
     """Inductor-compiled segments (``torch-compile``) give the eager programs' result at a new batch size
     too. Tolerance TOL_ORT: Inductor fuses and reorders fp32 reductions like ONNX Runtime does."""
-    compiled = DeltaDiTRuntime(torch_export, backend="torch-compile", threads=1)
+    compiled = DeltaDiTRuntime(torch_export, backend="torch-compile", threads=1, trust_artifacts=True)
     assert compiled.backend.name == "torch-compile"
     assert all(isinstance(e.module, torch._dynamo.eval_frame.OptimizedModule) for e in compiled.engines.values())
     model = rebuild_model(torch_export)

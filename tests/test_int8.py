@@ -297,7 +297,7 @@ def test_every_policy_runs_on_mixed_engines_close_to_fp32(fp32_and_int8, policy)
     within the int8 tolerance of the fp32 engines (measured 5e-3–7e-3 after 8 guided steps)."""
     fp32, int8 = fp32_and_int8
     emb = torch.randn(2, 120, 24, generator=torch.Generator().manual_seed(0))
-    runs = [generate(rt, prompt_embeds=emb, guidance_scale=3.0, policy=policy, num_steps=8, profile=True,
+    runs = [generate(rt, prompt_embeds=emb, negative_embeds=torch.zeros_like(emb), guidance_scale=3.0, policy=policy, num_steps=8, profile=True,
                      generator=torch.Generator().manual_seed(1)) for rt in (fp32, int8)]
     a, b = (r.latents for r in runs)
     assert torch.isfinite(b).all()

@@ -30,7 +30,7 @@ from tiny import export_tiny, rebuild_model  # noqa: E402
 
 from deltadit_export.quantize import INT8_TOLERANCE  # noqa: E402
 from deltadit_export.split import diffusers_forward, model_shape, random_model_inputs  # noqa: E402
-from runtime import DeltaDiTRuntime, generate  # noqa: E402
+from runtime import DeltaDiTRuntime, ManifestError, generate  # noqa: E402
 from runtime.backends import AUTO_ORDER, BackendError, make_backend  # noqa: E402
 from runtime.backends.openvino_backend import OpenVinoBackend  # noqa: E402
 
@@ -116,7 +116,8 @@ def test_two_threads_run_two_generations_at_once(pixart_export):
     prompts = [torch.randn(1, 120, 24, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
 
     def run(i):
-        return generate(rt, prompt_embeds=prompts[i], guidance_scale=3.0, num_steps=6, policy="delta-dit",
+        return generate(rt, prompt_embeds=prompts[i], negative_embeds=torch.zeros_like(prompts[i]),
+                        guidance_scale=3.0, num_steps=6, policy="delta-dit",
                         generator=torch.Generator().manual_seed(i)).latents
 
     alone = [run(0), run(1)]
@@ -185,8 +186,8 @@ def test_weights_the_manifest_does_not_hash_are_refused(pixart_export, tmp_path)
         d["segments"][1]["extra_files"] = []
         d["segments"][1]["extra_sha256"] = {}
     folder = _copy_with(pixart_export, tmp_path / "x", unlist)
-    with pytest.raises(BackendError, match=r"segment 'front': front.onnx reads weights from \['front.onnx.data'\], "
-                                           "which the manifest does not list"):
+    with pytest.raises(ManifestError, match=r"segment 'front': .*front.onnx keeps the data of tensor .* in "
+                                            r"'front.onnx.data', which is not one of the segment's hashed weight files"):
         DeltaDiTRuntime(folder, backend="openvino", threads=1)
 
 

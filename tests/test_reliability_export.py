@@ -202,7 +202,7 @@ RANGE_CASES = [
     (dict(cached_blocks=6), "--cached-blocks=6 is out of range: expected an integer 1..5"),
     (dict(cached_blocks=-2), "--cached-blocks=-2 is out of range"),
     (dict(cached_blocks="3"), "--cached-blocks='3' is out of range"),
-    (dict(num_steps=0), "--steps=0 is out of range: expected an integer ≥ 1"),
+    (dict(num_steps=0), "--steps=0 is out of range: expected an integer 1..10000"),
     (dict(num_steps=2.5), "--steps=2.5 is out of range"),
     (dict(interval=0), "--interval=0 is out of range: expected an integer ≥ 1"),
     (dict(boundary=-1), "--boundary=-1 is out of range: expected an integer 0..20"),

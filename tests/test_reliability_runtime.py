@@ -215,8 +215,9 @@ FILE_CASES = [
     ("graph-random", ".onnx", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), False),
     ("weights-bit-flipped", ".onnx.data", _flip, True),  # silently different weights: only the sha256 sees it
     ("weights-truncated", ".onnx.data", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), False),
+    # Same I/O, other weights; the copied graph reads front.onnx.data, not one of rear's hashed files: refused.
     ("other-segment", "", lambda p: [shutil.copy(p.parent / f"front{x}", p.parent / f"rear{x}")
-                                     for x in (".onnx", ".onnx.data")], True),  # same I/O, other weights
+                                     for x in (".onnx", ".onnx.data")], "location"),
 ]
 
 
@@ -248,6 +249,10 @@ def test_changed_segment_file_refused_naming_file(case, segment, pixart_export, 
         assert "is not a loadable ONNX file" in str(info.value)
     elif loadable is True:
         DeltaDiTRuntime(folder, verify=False)  # the user said they changed it on purpose
+    elif loadable == "location":  # verify=False skips hashes, never the external-data locations
+        with pytest.raises(ManifestError, match=r"keeps the data of tensor .* in 'front.onnx.data', which is not one "
+                                                r"of the segment's hashed weight files \(rear.onnx.data\)"):
+            DeltaDiTRuntime(folder, verify=False)
     else:
         try:
             DeltaDiTRuntime(folder, verify=False)
@@ -352,7 +357,8 @@ def test_generation_batch_and_misuse_refused(pix_rt, dit_rt):
     with pytest.raises(InputError, match="made by another runtime"):
         dit_rt.step(foreign, dit_inputs(dit_rt))
     with pytest.raises(InputError, match=r"batch 12 is out of range|batch size 12"):
-        generate(pix_rt, prompt_embeds=torch.randn(6, 120, 24), num_steps=2)  # 6 images × 2 (guidance) rows
+        generate(pix_rt, prompt_embeds=torch.randn(6, 120, 24), negative_embeds=torch.zeros(6, 120, 24),
+                 num_steps=2)  # 6 images × 2 (guidance) rows
     gen = pix_rt.new_generation(1, pix_rt.schedule("none", num_steps=1))
     pix_rt.step(gen, pix_inputs(pix_rt))
     with pytest.raises(GenerationError, match="all have run; start a new generation"):
@@ -470,7 +476,8 @@ def _run_alone(rt, seed: int, steps: int, barrier=None):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randn(1, 120, 24, generator=g)
     callback = (lambda i, latents: barrier.wait(timeout=60)) if barrier is not None else None
-    return generate(rt, prompt_embeds=prompt, num_steps=steps, generator=g, step_callback=callback).latents
+    return generate(rt, prompt_embeds=prompt, negative_embeds=torch.zeros_like(prompt), num_steps=steps, generator=g,
+                    step_callback=callback).latents
 
 
 def test_eight_threads_share_one_runtime(pix_rt):
@@ -507,6 +514,7 @@ def test_eight_threads_share_one_dropin(dit_rt):
 
     def loop(seed, barrier=None):
         x = dit_inputs(dit_rt, 2, seed=seed)
+        dropin.begin_generation(len(timesteps))  # not installed: each generation says its step count
         outs = []
         for t in timesteps:
             out = dropin(x["sample"], timestep=torch.tensor(t), class_labels=x["class_labels"]).sample
@@ -540,7 +548,8 @@ def test_abandoned_generation_leaves_next_unaffected(pix_rt, pixart_export):
             raise Abandon
 
     with pytest.raises(Abandon):
-        generate(pix_rt, prompt_embeds=torch.randn(1, 120, 24), num_steps=6, step_callback=bail)
+        generate(pix_rt, prompt_embeds=torch.randn(1, 120, 24), negative_embeds=torch.zeros(1, 120, 24), num_steps=6,
+                 step_callback=bail)
     assert torch.equal(_run_alone(pix_rt, 7, 6), reference)
     # A step refused mid-generation (bad input, NaN) changes nothing: the same generation continues exactly.
     sched = pix_rt.schedule("delta-dit", num_steps=4, interval=2, boundary=2)
@@ -557,12 +566,17 @@ def test_abandoned_generation_leaves_next_unaffected(pix_rt, pixart_export):
 
 
 def test_abandoned_pipeline_call_in_dropin(dit_rt, dit_export):
-    """A pipeline loop that raises half-way; the next loop on the same drop-in starts a fresh generation (with
-    and without the scheduler hook) and equals a loop on a brand-new drop-in."""
+    """A hand-written loop that raises half-way; the next loop on the same drop-in starts a fresh generation and
+    equals a loop on a brand-new drop-in. Not installed, the drop-in refuses a restart whose step count it was not
+    told, rather than guessing it (installed, the scheduler says it: test_dropin)."""
+    from runtime.dropin import DropInError
+
     timesteps = [999.0 - 110 * i for i in range(8)]
     x = dit_inputs(dit_rt, 2, seed=3)
 
-    def loop(dropin, n=len(timesteps)):
+    def loop(dropin, n=len(timesteps), begin=True):
+        if begin:
+            dropin.begin_generation(len(timesteps))
         return [dropin(x["sample"], timestep=torch.tensor(t), class_labels=x["class_labels"]).sample
                 for t in timesteps[:n]]
 
@@ -570,7 +584,8 @@ def test_abandoned_pipeline_call_in_dropin(dit_rt, dit_export):
     dropin = DeltaDiTTransformer(dit_rt, "delta-dit")
     loop(dropin, 3)  # abandoned after 3 of 8 steps
     assert dropin.generation.step_index == 3
+    with pytest.raises(DropInError, match="does not know how many steps"):
+        loop(dropin, begin=False)  # the timestep went back up: a new generation, of unknown length
     assert all(torch.equal(a, b) for a, b in zip(loop(dropin), reference))
     loop(dropin, 5)
-    dropin.begin_generation(None)  # what install()'s set_timesteps hook does at the start of a pipeline call
     assert all(torch.equal(a, b) for a, b in zip(loop(dropin), reference))

@@ -182,7 +182,8 @@ def test_generation_state_and_limits(pixart_export):
 def test_generate_api_with_guidance(pixart_export, dit_export):
     for folder in (pixart_export, dit_export):
         runtime = DeltaDiTRuntime(folder)
-        kw = ({"prompt_embeds": conditioning(runtime, 1, 0)["encoder_hidden_states"]}
+        kw = ({"prompt_embeds": conditioning(runtime, 1, 0)["encoder_hidden_states"],
+               "negative_embeds": conditioning(runtime, 1, 1)["encoder_hidden_states"]}
               if runtime.manifest.conditioning["kind"] == "caption" else {"class_labels": torch.tensor([3])})
         none = generate(runtime, policy="none", num_steps=6, generator=torch.Generator().manual_seed(0), **kw)
         again = generate(runtime, policy="none", num_steps=6, generator=torch.Generator().manual_seed(0), **kw)

@@ -200,7 +200,8 @@ def runtime_generate(rt, embeds, mask, latents, steps: int, policy: str):
     stream = getattr(rt.backend, "stream", None)
     ctx = torch.cuda.stream(stream) if stream is not None else _null()
     with ctx, torch.no_grad():
-        res = generate(rt, prompt_embeds=embeds, prompt_mask=mask, negative_mask=torch.ones_like(mask),
+        res = generate(rt, prompt_embeds=embeds, prompt_mask=mask, negative_embeds=torch.zeros_like(embeds),
+                       negative_mask=torch.ones_like(mask),
                        guidance_scale=4.5, num_steps=steps, policy=policy, latents=latents)
     return res.latents
 
@@ -321,7 +322,8 @@ def main(argv=None) -> int:
         label = f"{backend}{' +graphs' if graphs else ''}"
         log(f"runtime {label}: loading")
         try:
-            rt = DeltaDiTRuntime(m.root, backend=backend, nan_policy="off", **options)
+            rt = DeltaDiTRuntime(m.root, backend=backend, nan_policy="off", trust_artifacts=True,  # exported here
+                                 **options)
             bound = rt.schedule("delta-dit", num_steps=args.steps).bound
             # parity: one call, then T steps of `none`
             stream = getattr(rt.backend, "stream", None)

@@ -8,12 +8,18 @@ TensorRT engines, no torch programs). Options a candidate does not take (``threa
 the GPU) are passed only to the candidates that take them.
 
 Each backend module is imported only when chosen, so a CPU-only install never imports CUDA code.
+
+Trust: a backend whose artifacts can run code when loaded (``code_artifacts``: torch.export programs
+unpickle, TensorRT plans are native code) is built only with ``trust_artifacts=True``; ``auto`` skips
+it without, saying why (a warning on the ``deltadit`` logger when it would have been usable). ONNX
+files carry no code (their external-data paths are checked by the runtime, see runtime/integrity.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from typing import Any
 
 from .base import Backend, BackendError, SegmentEngine
@@ -47,8 +53,27 @@ def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in params}
 
 
-def make_backend(name: str = "auto", manifest=None, **options: Any) -> Backend:
-    """Build backend ``name`` (or the best usable one for ``auto``, for ``manifest`` when given)."""
+TRUST_OPT_IN = "trust_artifacts=True (CLI: --trust-artifacts)"
+
+
+def untrusted(name: str, cls: type) -> str:
+    """Why backend ``name`` is not built without the opt-in, and what to do."""
+    return (f"backend {name!r} loads {cls.code_artifacts}, which can run arbitrary code when loaded: a folder from "
+            f"elsewhere can do anything to this machine through them. Load them only from an export you made or "
+            f"trust, with {TRUST_OPT_IN}; or use backend='onnxruntime' (ONNX files carry no code)")
+
+
+def _with_trust(cls: type, options: dict[str, Any], trust_artifacts: bool) -> dict[str, Any]:
+    if "trust_artifacts" in inspect.signature(cls.__init__).parameters:
+        return {**options, "trust_artifacts": trust_artifacts}
+    return dict(options)
+
+
+def make_backend(name: str = "auto", manifest=None, *, trust_artifacts: bool = False, **options: Any) -> Backend:
+    """Build backend ``name`` (or the best usable one for ``auto``, for ``manifest`` when given).
+
+    ``trust_artifacts``: allow backends whose artifacts can run code when loaded (see the module doc).
+    """
     if name == "auto":
         errors = []
         for candidate in AUTO_ORDER:
@@ -59,15 +84,26 @@ def make_backend(name: str = "auto", manifest=None, **options: Any) -> Backend:
                 if reason:
                     errors.append(f"{candidate}: {reason}")
                     continue
-                return cls(**_accepted(cls, options))
+                backend = cls(**_with_trust(cls, _accepted(cls, options), trust_artifacts))
             except BackendError as exc:
                 errors.append(f"{candidate}: {exc}")
+                continue
+            if getattr(cls, "code_artifacts", None) and not trust_artifacts:
+                why = f"skipped: its {cls.code_artifacts} can run code when loaded; pass {TRUST_OPT_IN} to use it"
+                logging.getLogger("deltadit").warning("backend auto: %s %s", candidate, why)
+                errors.append(f"{candidate}: {why}")
+                continue
+            return backend
         raise BackendError("no usable backend: " + "; ".join(errors))
     cls = backend_class(name)
     unknown = sorted(set(options) - set(_accepted(cls, options)))
     if unknown:
         raise BackendError(f"backend {name!r} takes no option(s) {unknown}")
-    return cls(**options)
+    backend = cls(**_with_trust(cls, options, trust_artifacts))  # first what is missing here (a GPU, a library)
+    if getattr(cls, "code_artifacts", None) and not trust_artifacts:
+        raise BackendError(untrusted(name, cls))
+    return backend
 
 
-__all__ = ["Backend", "BackendError", "SegmentEngine", "make_backend", "backend_class", "BACKENDS", "AUTO_ORDER"]
+__all__ = ["Backend", "BackendError", "SegmentEngine", "make_backend", "backend_class", "untrusted", "BACKENDS",
+           "AUTO_ORDER"]

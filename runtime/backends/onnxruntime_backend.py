@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 
+from ..integrity import check_onnx_external_data
 from ..manifest import Manifest, SegmentSpec
 from .base import BackendError
 
@@ -96,6 +97,7 @@ class OnnxRuntimeCpuBackend:
         ort = _ort()
         self.dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
         path = manifest.path_of(segment.file)
+        check_onnx_external_data(manifest, (segment,))  # also when used without DeltaDiTRuntime
         try:
             session = ort.InferenceSession(str(path), session_options(self.threads, self.shared_arena),
                                            providers=["CPUExecutionProvider"])

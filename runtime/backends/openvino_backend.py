@@ -29,6 +29,7 @@ import queue
 import numpy as np
 import torch
 
+from ..integrity import check_onnx_external_data
 from ..manifest import Manifest, SegmentSpec
 from .base import BackendError
 
@@ -43,30 +44,6 @@ def _ov():
     except ImportError:
         raise BackendError("openvino is not installed: pip install 'deltadit[openvino]'") from None
     return ov
-
-
-def external_data_files(path: os.PathLike) -> set[str]:
-    """Every external-data ``location`` an ONNX file names (graph initializers, constants, subgraphs)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    found: set[str] = set()
-
-    def tensors_of(graph):
-        yield from graph.initializer
-        yield from (s.values for s in graph.sparse_initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from tensors_of(sub)
-
-    for tensor in tensors_of(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            found.update(e.value for e in tensor.external_data if e.key == "location")
-    return found
 
 
 class OpenVinoEngine:
@@ -153,17 +130,7 @@ class OpenVinoBackend:
         if path.suffix != ".onnx":
             raise BackendError(f"segment {segment.name!r}: {path.name} is not an .onnx file; the openvino backend "
                                f"reads the export's ONNX segments only; {FIX}")
-        try:
-            named = external_data_files(path)
-        except Exception as exc:
-            raise BackendError(f"segment {segment.name!r}: {path} is not a loadable ONNX file ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {FIX}") from None
-        unhashed = sorted(named - set(segment.extra_files))
-        if unhashed:
-            raise BackendError(f"segment {segment.name!r}: {path.name} reads weights from {unhashed}, which the "
-                               f"manifest does not list (and so never verified) for this segment; {FIX}")
-        for file in named:
-            manifest.path_of(file)  # inside the folder, no link out of it
+        check_onnx_external_data(manifest, (segment,))  # also when used without DeltaDiTRuntime
         try:
             model = self.core.read_model(str(path))
             compiled = self.core.compile_model(model, "CPU", self._config())

@@ -19,6 +19,7 @@ import threading
 import numpy as np
 import torch
 
+from ..integrity import check_onnx_external_data
 from ..manifest import Manifest, SegmentSpec
 from .base import BackendError
 from .cuda_util import StreamOrder, require_cuda
@@ -138,6 +139,7 @@ class OrtCudaBackend:
     def load(self, manifest: Manifest, segment: SegmentSpec) -> OrtCudaEngine:
         self.dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
         path = manifest.path_of(segment.file)
+        check_onnx_external_data(manifest, (segment,))  # also when used without DeltaDiTRuntime
         opts = session_options(self.threads)
         try:
             session = self.ort.InferenceSession(

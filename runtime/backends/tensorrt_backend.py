@@ -194,7 +194,12 @@ class TensorRTSegmentEngine:
 
 
 class TensorRTBackend:
+    """Needs ``trust_artifacts=True``: a TensorRT plan is native code (NVIDIA: deserializing an engine from an
+    untrusted source is running untrusted code, and plans can embed plugin libraries that run on load)."""
+
     name = "tensorrt"
+    code_artifacts = "TensorRT plans (<segment>.trt*.plan: compiled native code, may embed plugin libraries)"
+    reads_onnx = False
 
     @classmethod
     def missing_artifacts(cls, manifest: Manifest) -> str | None:
@@ -203,12 +208,15 @@ class TensorRTBackend:
             f"the export has no TensorRT engines (build them with {HOW_TO_BUILD})"
 
     def __init__(self, device: str | torch.device | None = None, cuda_graphs: bool = False, verify: bool = True,
-                 log_level: str = "WARNING"):
+                 log_level: str = "WARNING", trust_artifacts: bool = False):
+        self.trust_artifacts = bool(trust_artifacts)
         self.trt = import_tensorrt()
         self.device = require_cuda(self.name, device)
         trt = self.trt
         self.logger = trt.Logger(getattr(trt.Logger, log_level.upper(), trt.Logger.WARNING))
         self.runtime = trt.Runtime(self.logger)
+        if hasattr(self.runtime, "engine_host_code_allowed"):
+            self.runtime.engine_host_code_allowed = False  # the default, stated: no lean runtime code from a plan
         self.cuda_graphs = bool(cuda_graphs)
         self.verify = verify
         self.dtype = torch.float32
@@ -237,6 +245,10 @@ class TensorRTBackend:
                                f"({here}): rebuild with {HOW_TO_BUILD} --force")
 
     def load(self, manifest: Manifest, segment: SegmentSpec) -> TensorRTSegmentEngine:
+        if not self.trust_artifacts:  # also when built directly, not through make_backend
+            from . import untrusted
+
+            raise BackendError(untrusted(self.name, type(self)))
         entry = artifact_entry(manifest, self.name, "tensorrt", HOW_TO_BUILD)
         self._check_build(entry)
         path = artifact_path(manifest, entry, segment.name, self.name, verify=self.verify)

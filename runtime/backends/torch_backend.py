@@ -79,9 +79,15 @@ class TorchSegmentEngine:
 
 
 class TorchBackend:
-    """``device``: "cpu", "cuda" or "cuda:N" (default: cuda when torch sees a GPU, else cpu)."""
+    """``device``: "cpu", "cuda" or "cuda:N" (default: cuda when torch sees a GPU, else cpu).
+
+    ``trust_artifacts=True`` is required: ``torch.export.load`` unpickles the ``.pt2`` files, so a folder from
+    elsewhere could run code through them (runtime/backends/__init__.py).
+    """
 
     name = "torch"
+    code_artifacts = "<segment>.pt2 programs with torch.export.load (it unpickles them)"
+    reads_onnx = False
 
     @classmethod
     def missing_artifacts(cls, manifest: Manifest) -> str | None:
@@ -90,7 +96,8 @@ class TorchBackend:
             f"the export has no torch programs (re-export with {HOW_TO_BUILD})"
 
     def __init__(self, device: str | torch.device | None = None, cuda_graphs: bool = False,
-                 verify: bool = True, threads: int | None = None, compile: bool = False):
+                 verify: bool = True, threads: int | None = None, compile: bool = False, trust_artifacts: bool = False):
+        self.trust_artifacts = bool(trust_artifacts)
         if compile and cuda_graphs:
             raise BackendError("compile=True and cuda_graphs=True exclude each other: the compiled graphs run as "
                                "they are (use torch.compile's own mode='reduce-overhead' outside the runtime)")
@@ -120,6 +127,10 @@ class TorchBackend:
         return self.order.stream if self.order is not None else None
 
     def load(self, manifest: Manifest, segment: SegmentSpec) -> TorchSegmentEngine:
+        if not self.trust_artifacts:  # also when built directly, not through make_backend
+            from . import untrusted
+
+            raise BackendError(untrusted(self.name, type(self)))
         entry = artifact_entry(manifest, self.name, "torch", HOW_TO_BUILD)
         path = artifact_path(manifest, entry, segment.name, self.name, verify=self.verify)
         io_dtype = TORCH_DTYPES.get(str(entry.get("dtype", "")), None)
@@ -160,8 +171,9 @@ class TorchCudaBackend(TorchBackend):
     name = "torch-cuda"
 
     def __init__(self, device: str | torch.device | None = None, cuda_graphs: bool = False, verify: bool = True,
-                 threads: int | None = None):
-        super().__init__(require_cuda(self.name, device), cuda_graphs=cuda_graphs, verify=verify, threads=threads)
+                 threads: int | None = None, trust_artifacts: bool = False):
+        super().__init__(require_cuda(self.name, device), cuda_graphs=cuda_graphs, verify=verify, threads=threads,
+                         trust_artifacts=trust_artifacts)
 
 
 class TorchCompiledBackend(TorchBackend):
@@ -173,5 +185,7 @@ class TorchCompiledBackend(TorchBackend):
 
     name = "torch-compile"
 
-    def __init__(self, device: str | torch.device | None = None, verify: bool = True, threads: int | None = None):
-        super().__init__(device or "cpu", cuda_graphs=False, verify=verify, threads=threads, compile=True)
+    def __init__(self, device: str | torch.device | None = None, verify: bool = True, threads: int | None = None,
+                 trust_artifacts: bool = False):
+        super().__init__(device or "cpu", cuda_graphs=False, verify=verify, threads=threads, compile=True,
+                         trust_artifacts=trust_artifacts)
