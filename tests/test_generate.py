@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltadit_export.generate import comparison_image, grid_image, initial_noise, to_uint8
+from deltadit_export.imaging import comparison_image, grid_image, to_uint8
+from deltadit_export.sampling import initial_noise
 from deltadit_export.models import PACKAGE_WEIGHTS
 
 SHIPPED = PACKAGE_WEIGHTS / "pixart-digits"
@@ -121,8 +122,8 @@ def test_delta_dit_samples_are_the_prompted_digits(readme_run):
     from runtime import DeltaDiTRuntime
 
     from deltadit_export.digits import prompt_for_digit
-    from deltadit_export.evaluate import reference_classifier
-    from deltadit_export.generate import encode_prompts, load_text_encoder, runtime_generate
+    from deltadit_export.eval_metrics import reference_classifier
+    from deltadit_export.sampling import encode_prompts, load_text_encoder, runtime_generate
 
     root, res = readme_run
     assert res.exit_code == 0, res.output
