@@ -1,31 +1,27 @@
-"""``deltadit-bench``: latency, memory and accuracy of the runtime against PyTorch eager.
+"""``deltadit-bench``: latency, memory and accuracy of the runtime against PyTorch eager and torch.compile.
 
-Three modes run the same generation (1 image, classifier-free guidance as one batch of 2 =
+Four modes run the same generation (1 image, classifier-free guidance as one batch of 2 =
 [uncond; cond], T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
+``eager``, ``torch-compile``, ``none`` (the runtime, every step full) and ``delta-dit`` (the runtime
+with the Δ-DiT cache schedule); what each runs is in ``bench_rows.py``.
 
-- ``eager``: the diffusers transformer rebuilt from what the manifest records (same weights, same
-  dtype), called in a plain sampling loop under ``torch.inference_mode()`` in eval mode;
-- ``none``: the runtime with every step full;
-- ``delta-dit``: the runtime with the Δ-DiT cache schedule.
+Timing goes through the measurement harness (``timing.py``): one worker process per mode (so one
+mode's peak RSS cannot hide another's), the same threads and OpenMP/ONNX Runtime thread waiting for
+both sides, a warm-up of every mode before any timed run, then ``--repeats`` rounds round-robin across
+the modes; medians with min–max and the load average before and after. Accuracy: the final latents of
+``none`` against eager, and of ``delta-dit`` against an independent Δ-DiT written on the diffusers
+block list (``bench_baseline.reference_delta_dit``, DESIGN.md §2 math; it shares nothing with the
+runtime's plan execution).
 
-Each mode runs in its own process (``python -m deltadit_export.bench --worker MODE ...``) so one
-mode's peak RSS cannot hide another's: warm-up run(s), then the median of ``--repeats`` runs.
-Accuracy: the final latents of ``none`` against eager, and of ``delta-dit`` against an independent
-Δ-DiT written here on the diffusers block list (:func:`reference_delta_dit`, DESIGN.md §2 math; it
-shares nothing with the runtime's plan execution).
-
-Layout: command line (:func:`cli`) and parent orchestration (:func:`run_bench`) here → one worker per
-mode (``bench_worker.py``) → eager loop and reference Δ-DiT (``bench_baseline.py``) → report
-(``bench_report.py``).
+Layout: command line (:func:`cli`) and orchestration (:func:`run_bench`) here → the rows
+(``bench_rows.py``) → eager loop and reference Δ-DiT (``bench_baseline.py``) → report (``bench_report.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +29,15 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from .bench_baseline import DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, progress, step_kind
+from . import bench_rows as bench_rows_mod
+from .bench_baseline import (
+    DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, progress, rebuild_model,
+    reference_delta_dit, step_kind,
+)
 from .bench_report import build_report, format_report
-from .bench_worker import MODES, worker_main
+from .bench_rows import MODES, SEGMENT_NAMES
+from .timing import Row, TimingError, default_threads, measure
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -45,7 +47,7 @@ class BenchSettings:
     guidance_scale: float = 4.5
     repeats: int = 5
     warmup: int = 1
-    threads: int | None = None  # None: os.cpu_count()
+    threads: int | None = None  # None: the CPUs this process may use
     seed: int = 0
     prompt: str = DEFAULT_PROMPT
     backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
@@ -56,22 +58,38 @@ class BenchError(RuntimeError):
     """A worker failed or the modes disagree on what they ran; the message says which and why."""
 
 
-def _spawn(mode: str, spec_path: Path, out_dir: Path) -> dict[str, Any]:
-    result_path = out_dir / f"result-{mode}.json"
-    cmd = [sys.executable, "-m", "deltadit_export.bench", "--worker", mode, "--spec", str(spec_path),
-           "--result", str(result_path)]
-    # Progress and errors reach our stderr live; anything a library prints on stdout is passed on to stderr
-    # afterwards, so stdout carries the report only.
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
-    if proc.stdout:
-        sys.stderr.write(proc.stdout)
-    if proc.returncode != 0 or not result_path.is_file():
-        raise BenchError(f"the {mode} worker failed (exit code {proc.returncode}); its error is printed above")
-    return json.loads(result_path.read_text())
+def bench_rows(engines: Path, modes: tuple[str, ...], common: dict[str, Any], backend: str) -> list[Row]:
+    """The harness rows of the selected modes. A peer engine is one more line here (and its setup in
+    ``bench_rows.py``)."""
+    rows = {
+        "eager": Row("eager", bench_rows_mod.eager_row, dict(common, reference="delta-dit" in modes)),
+        # Optional: torch.compile needs a C++ compiler; without one the row is left out with a warning.
+        "torch-compile": Row("torch-compile", bench_rows_mod.eager_row, dict(common, compile=True), optional=True),
+        "none": Row("none", bench_rows_mod.runtime_row, dict(common, policy="none", backend=backend)),
+        "delta-dit": Row("delta-dit", bench_rows_mod.runtime_row, dict(common, policy="delta-dit", backend=backend)),
+    }
+    return [rows[m] for m in MODES if m in modes]
+
+
+def _mode_result(t, num_steps: int) -> dict[str, Any]:
+    """One mode's entry of the report: its timing, peak RSS and what it ran (from the worker's info/finish)."""
+    final = dict(t.final)
+    final.pop("latents", None)
+    reference = final.pop("reference", None)
+    out = {**t.info, **final, "runs_ms": t.runs_ms, "warmup_ms": t.warmup_ms, "median_ms": t.median_ms,
+           "min_ms": t.min_ms, "max_ms": t.max_ms, "peak_rss_mb": t.peak_rss_mb, "load_s": t.setup_s}
+    if reference is not None:
+        out["reference"] = {k: v for k, v in reference.items() if k != "latents"}
+    if t.records:
+        last = t.records[-1]
+        out["segments"] = {n: {"calls": last[n][0], "ms": statistics.median(r[n][1] for r in t.records)}
+                           for n in SEGMENT_NAMES if n in last}
+    return out
 
 
 def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = None) -> dict[str, Any]:
-    """Run every selected mode in its own process and build the report (also written to ``json_path``)."""
+    """Time every selected mode (one worker process each, round-robin) and build the report (also written to
+    ``json_path``)."""
     import torch
 
     from runtime.manifest import load_manifest
@@ -89,32 +107,34 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     if [s.kind for s in schedule.steps] != kinds or schedule.block_runs != runs or abs(schedule.bound - bound) > 1e-12:
         raise ScheduleError(f"runtime schedule {[s.kind for s in schedule.steps]} ({schedule.block_runs} block-runs) "
                             f"disagrees with DESIGN.md §2 {kinds} ({runs} block-runs)")
-    threads = settings.threads or os.cpu_count() or 1
-    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    if load_start and load_start[0] > 0.5 * (os.cpu_count() or 1):
-        progress(f"warning: load average {load_start[0]:.2f} on {os.cpu_count()} cores: other processes compete "
-                 "for the CPU and the timings will be noisy (torch's OpenMP threads suffer most when a core is taken)")
-    with tempfile.TemporaryDirectory(prefix="deltadit-bench-") as tmp:
-        tmp = Path(tmp)
-        inputs = make_inputs(manifest, Path(engines), settings.seed, settings.prompt)
-        torch.save(inputs, tmp / "inputs.pt")
-        spec = {"engines": str(Path(engines).resolve()), "inputs": str(tmp / "inputs.pt"), "out_dir": str(tmp),
-                "num_steps": T, "interval": N, "boundary": b, "guidance_scale": settings.guidance_scale,
-                "repeats": settings.repeats, "warmup": settings.warmup, "threads": threads,
-                "backend": settings.backend, "reference": "delta-dit" in settings.modes}
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        results = {mode: _spawn(mode, tmp / "spec.json", tmp) for mode in MODES if mode in settings.modes}
-        if "delta-dit" in settings.modes and "eager" not in settings.modes:
-            results["reference"] = _spawn("reference", tmp / "spec.json", tmp)
-        latents = {p.stem.removeprefix("latents-"): torch.load(p) for p in tmp.glob("latents-*.pt")}
-    ref_info = (results.get("eager") or results.get("reference") or {}).get("reference")
-    if ref_info is not None and (ref_info["kinds"] != kinds or ref_info["block_runs"] != runs):
-        raise BenchError(f"the reference Δ-DiT ran {ref_info['block_runs']} block-runs, expected {runs}")
+    threads = settings.threads or default_threads()
+    inputs = make_inputs(manifest, Path(engines), settings.seed, settings.prompt)
+    common = {"engines": str(Path(engines).resolve()), "inputs": inputs, "num_steps": T, "interval": N,
+              "boundary": b, "guidance_scale": settings.guidance_scale}
+    try:
+        timing = measure(bench_rows(engines, settings.modes, common, settings.backend), repeats=settings.repeats,
+                         warmup=settings.warmup, threads=threads, isolate=True, desc="bench")
+    except TimingError as exc:
+        raise BenchError(str(exc)) from None
+    results = {m: _mode_result(t, T) for m, t in timing.rows.items()}
+    latents = {m: t.final["latents"] for m, t in timing.rows.items() if "latents" in t.final}
+    ref = (timing.rows["eager"].final.get("reference") if "eager" in timing.rows else None)
+    if ref is None and "delta-dit" in settings.modes:
+        # No eager worker to run it in: the independent Δ-DiT runs here (untimed).
+        model = rebuild_model(manifest)
+        with torch.inference_mode():
+            lat, r_runs, r_kinds = reference_delta_dit(model, manifest, inputs, T, N, b, settings.guidance_scale,
+                                                       make_scheduler(Path(engines)))
+        ref = {"latents": lat, "block_runs": r_runs, "kinds": r_kinds}
+        results["reference"] = {"reference": {"block_runs": r_runs, "kinds": r_kinds}}
+    if ref is not None:
+        latents["reference"] = ref["latents"]
+        if ref["kinds"] != kinds or ref["block_runs"] != runs:
+            raise BenchError(f"the reference Δ-DiT ran {ref['block_runs']} block-runs, expected {runs}")
     for mode in ("none", "delta-dit"):
         if mode in results and results[mode]["kinds"] != (["full"] * T if mode == "none" else kinds):
             raise BenchError(f"the runtime's {mode} schedule {results[mode]['kinds']} is not the expected one")
-    report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs)
-    report["machine"]["loadavg_start"] = load_start
+    report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs, timing)
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -160,9 +180,13 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
 
 @click.command(name="deltadit-bench", context_settings={"help_option_names": ["-h", "--help"],
                                                          "max_content_width": 100})
+
+
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
               help="An export folder (manifest.json). Without it, the model flags below export first "
                    "(reusing an identical export), or the default export is used.")
+
+
 @click.option("--model", default=None, help="As deltadit-export --model (default pixart-digits).")
 @click.option("--resolution", type=int, default=None, help="As deltadit-export.")
 @click.option("--weights", type=click.Path(file_okay=False), default=None, help="As deltadit-export.")
@@ -178,30 +202,52 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
 @click.option("--force", is_flag=True, help="As deltadit-export: re-export even if an identical export exists.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=None,
               help="T steps to run (default: the manifest's, 20). Run-time only: the export is not changed.")
+
+
 @click.option("--interval", type=click.IntRange(min=1), default=None, help="Δ-DiT cache interval N (default: manifest).")
 @click.option("--boundary", type=click.IntRange(min=0), default=None,
               help="Δ-DiT boundary step b, 0..T (default: the manifest's, scaled as b/T when --steps differs).")
+
+
 @click.option("--guidance-scale", type=click.FloatRange(min=1.0, min_open=True), default=4.5, show_default=True,
               help="Classifier-free guidance scale (> 1: the batch is 2 = [uncond; cond]).")
+
+
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs per mode; the median is reported.")
+
+
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch and onnxruntime intra-op threads (default os.cpu_count()).")
+
+
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the latents and conditioning.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
+
+
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="Runtime backend (onnxruntime: the CPU, like the eager baseline; auto: the fastest usable).")
+
+
 @click.option("--modes", default=",".join(MODES), show_default=True,
-              help="Comma-separated subset of eager,none,delta-dit.")
+              help="Comma-separated subset of eager,torch-compile,none,delta-dit.")
+
+
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the results as JSON to this file.")
+
+
 @click.option("-q", "--quiet", is_flag=True, help="No export progress.")
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
         backend, modes, json_path, quiet, **export_flags):
-    """Benchmark PyTorch eager vs the runtime (policy none) vs Δ-DiT, each mode in its own process."""
+    """Benchmark PyTorch eager and torch.compile against the runtime (policy none) and Δ-DiT.
+
+    Each mode runs in its own process; all are warmed up before any timed run, then timed round-robin
+    with the same threads and thread waiting for torch and ONNX Runtime.
+    """
     from .cli import user_errors
 
     selected = tuple(m.strip() for m in modes.split(",") if m.strip())
@@ -230,8 +276,6 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
 
 def main(argv: list[str] | None = None):
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["--worker"]:
-        sys.exit(worker_main(args[1:]))
     return cli.main(args=args, prog_name="deltadit-bench")
 
 

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .bench_worker import MODES, SEGMENT_NAMES
+from .bench_rows import MODES, SEGMENT_NAMES
 
 # Issue 3 targets (2 CPU cores, fp32, T=20, guidance batch 2): printed next to the ratios, never asserted.
 TARGETS = {
@@ -51,7 +51,8 @@ def _machine() -> dict[str, Any]:
     return info
 
 
-def build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs) -> dict[str, Any]:
+def build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs,
+                 timing) -> dict[str, Any]:
     def ms(mode):
         return results[mode]["median_ms"] if mode in results else None
 
@@ -61,7 +62,7 @@ def build_report(manifest, engines, settings, T, N, b, threads, schedule, result
     def err(x, y):
         return rel_err(latents[x], latents[y]) if x in latents and y in latents else None
 
-    eager_ms, full_ms, delta_ms = ms("eager"), ms("none"), ms("delta-dit")
+    eager_ms, compile_ms, full_ms, delta_ms = ms("eager"), ms("torch-compile"), ms("none"), ms("delta-dit")
     speed_delta_full = ratio(full_ms, delta_ms)
     rss = {m: results[m]["peak_rss_mb"] for m in MODES if m in results}
     block_ms = {m: sum(s["ms"] for n, s in results[m]["segments"].items() if n in ("front", "middle", "rear"))
@@ -71,15 +72,20 @@ def build_report(manifest, engines, settings, T, N, b, threads, schedule, result
         "eager_ms": eager_ms,
         "full_ms": full_ms,
         "delta_ms": delta_ms,
+        "compile_ms": compile_ms,
         "bound": schedule.bound,
         "speedup_full_vs_eager": ratio(eager_ms, full_ms),
         "speedup_delta_vs_full": speed_delta_full,
         "speedup_delta_vs_eager": ratio(eager_ms, delta_ms),
+        "speedup_full_vs_compile": ratio(compile_ms, full_ms),
+        "speedup_delta_vs_compile": ratio(compile_ms, delta_ms),
+        "speedup_compile_vs_eager": ratio(eager_ms, compile_ms),
         "delta_fraction_of_bound": speed_delta_full / schedule.bound if speed_delta_full else None,
         "block_speedup_delta_vs_full": ratio(block_ms.get("none"), block_ms.get("delta-dit")),
         "full_vs_eager_rel_err": err("none", "eager"),
         "delta_vs_reference_rel_err": err("delta-dit", "reference"),
         "delta_vs_eager_rel_err": err("delta-dit", "eager"),
+        "compile_vs_eager_rel_err": err("torch-compile", "eager"),
         "peak_rss_mb": rss,
         "ms_per_step": {m: results[m]["median_ms"] / T for m in MODES if m in results},
         "block_runs": {m: results[m]["block_runs"] for m in MODES if m in results},
@@ -99,8 +105,12 @@ def build_report(manifest, engines, settings, T, N, b, threads, schedule, result
             "conditioning": inputs["conditioning"], "seed": settings.seed, "repeats": settings.repeats,
             "warmup": settings.warmup, "backend": settings.backend,
         },
-        "threads": {"torch": threads, "onnxruntime_intra_op": threads, "os_cpu_count": os.cpu_count()},
-        "machine": {**_machine(), "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "threads": {"torch": threads, "onnxruntime_intra_op": threads, "os_cpu_count": os.cpu_count(),
+                    "omp_wait_policy": timing.settings.wait_policy, "read_back": {
+                        m: {k: results[m].get(k) for k in ("torch", "onnxruntime")} for m in results}},
+        "timing": {k: v for k, v in timing.to_dict().items() if k != "rows"},
+        "timing_header": timing.header(),
+        "machine": {**_machine(), "loadavg_start": timing.load_before, "loadavg_end": timing.load_after},
         "versions": _versions(),
     }
 
@@ -123,7 +133,7 @@ def _target(value, key: str) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    c, th, v = r["config"], r["threads"], r["versions"]
+    c, v = r["config"], r["versions"]
     mi = r["machine"]
     w = c["weights"]
     weights = f"random weights seed {w.get('seed', 0)}" + (
@@ -140,24 +150,24 @@ def format_report(r: dict[str, Any]) -> str:
         f"  conditioning: {c['conditioning']}",
         "  eager baseline: the diffusers transformer rebuilt from the manifest (same weights and dtype) in a plain "
         "loop, torch.inference_mode(), eval(), same scheduler, latents and conditioning",
-        f"  threads: torch {th['torch']}, onnxruntime intra-op {th['onnxruntime_intra_op']} (os.cpu_count() = "
-        f"{th['os_cpu_count']}); each mode in its own process; {c['warmup']} warm-up, median of {c['repeats']} runs",
+        "  torch-compile: the same model, the whole transformer through torch.compile (TorchInductor, default "
+        "mode), compiled before its warm-up",
         *[f"  runtime: backend {rt['backend']} on {rt['device']}; eager on cpu" for rt in
           [r["modes"].get("none") or r["modes"].get("delta-dit")] if rt],
-        f"  {mi['cpu']}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, diffusers {v.get('diffusers')}"
-        + (f"; load avg {mi['loadavg_start'][0]:.2f} at start, {mi['loadavg_end'][0]:.2f} at end"
-           if mi.get("loadavg_start") and mi.get("loadavg_end") else ""),
+        f"  {mi['cpu']}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, diffusers {v.get('diffusers')}",
+        *[f"  {h}" for h in r.get("timing_header", [])],
         "",
-        f"{'mode':<10} {'total ms':>10} {'ms/step':>9} {'block-runs':>11} {'bound':>7} {'peak RSS MB':>12} "
-        f"{'Δ cache bytes':>14}",
+        f"{'mode':<13} {'total ms':>10} {'min–max':>19} {'ms/step':>9} {'block-runs':>11} {'bound':>7} "
+        f"{'peak RSS MB':>12} {'Δ cache bytes':>14}",
     ]
     for m in MODES:
         res = r["modes"].get(m)
         if res is None:
             continue
         bound = "1.000" if m != "delta-dit" else f"{r['bound']:.3f}"
-        cache = "-" if m == "eager" else f"{res['cache_bytes']:,}"
-        lines.append(f"{m:<10} {res['median_ms']:>10.1f} {res['median_ms'] / c['num_steps']:>9.2f} "
+        cache = f"{res['cache_bytes']:,}" if "cache_bytes" in res else "-"
+        spread = f"{res['min_ms']:.1f}–{res['max_ms']:.1f}"
+        lines.append(f"{m:<13} {res['median_ms']:>10.1f} {spread:>19} {res['median_ms'] / c['num_steps']:>9.2f} "
                      f"{res['block_runs']:>5}/{c['full_block_runs']:<5} {bound:>7} {res['peak_rss_mb']:>12.1f} "
                      f"{cache:>14}")
     seg_modes = [m for m in ("none", "delta-dit") if m in r["segments"]]
@@ -178,24 +188,28 @@ def format_report(r: dict[str, Any]) -> str:
             row += f" {other:>14.1f} {'':>6}"
         lines.append(row + "   (scheduler, guidance, input checks)")
     rss = r["peak_rss_mb"]
-    rss_ratio = max(rss[m] for m in ("none", "delta-dit") if m in rss) / rss["eager"] if "eager" in rss and len(
-        rss) > 1 else None
+    runtime_rss = [rss[m] for m in ("none", "delta-dit") if m in rss]
+    rss_ratio = max(runtime_rss) / rss["eager"] if "eager" in rss and runtime_rss else None
     lines += [
         "",
         "ratios:",
-        f"  none vs eager        {_x(r['speedup_full_vs_eager'])} "
+        f"  none vs eager              {_x(r['speedup_full_vs_eager'])} "
         f"{_target(r['speedup_full_vs_eager'], 'speedup_full_vs_eager')}",
-        f"  delta-dit vs none    {_x(r['speedup_delta_vs_full'])} = "
+        f"  delta-dit vs none          {_x(r['speedup_delta_vs_full'])} = "
         f"{_f(r['delta_fraction_of_bound'], '.3f')} of the bound {r['bound']:.3f}x "
         f"{_target(r['delta_fraction_of_bound'], 'delta_fraction_of_bound')}; block segments alone "
         f"{_x(r['block_speedup_delta_vs_full'])}",
-        f"  delta-dit vs eager   {_x(r['speedup_delta_vs_eager'])} "
+        f"  delta-dit vs eager         {_x(r['speedup_delta_vs_eager'])} "
         f"{_target(r['speedup_delta_vs_eager'], 'speedup_delta_vs_eager')}",
-        f"  runtime / eager peak RSS {_f(rss_ratio, '.3f')} {_target(rss_ratio, 'rss_runtime_over_eager')}",
+        f"  none vs torch-compile      {_x(r['speedup_full_vs_compile'])}",
+        f"  delta-dit vs torch-compile {_x(r['speedup_delta_vs_compile'])}",
+        f"  torch-compile vs eager     {_x(r['speedup_compile_vs_eager'])}",
+        f"  runtime / eager peak RSS   {_f(rss_ratio, '.3f')} {_target(rss_ratio, 'rss_runtime_over_eager')}",
         "",
         "accuracy (max|a−b| / max|b| of the final latents):",
         f"  none vs eager                          {_f(r['full_vs_eager_rel_err'], '.2e')}",
         f"  delta-dit vs independent Δ-DiT (torch) {_f(r['delta_vs_reference_rel_err'], '.2e')}",
         f"  delta-dit vs eager (the cache's own approximation) {_f(r['delta_vs_eager_rel_err'], '.2e')}",
+        f"  torch-compile vs eager                 {_f(r['compile_vs_eager_rel_err'], '.2e')}",
     ]
     return "\n".join(lines)

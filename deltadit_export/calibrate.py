@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -42,6 +41,7 @@ import torch
 from runtime.schedule import Cuts, DeltaDiTPolicy, NoCachePolicy, Schedule, StepPlan
 
 from .models import DEFAULT_GUIDANCE, model_guidance
+from .timing import Elapsed, Stopwatch
 
 DEFAULT_PSNR_BUDGET = 30.0
 DEFAULT_PROMPTS = 4
@@ -289,6 +289,8 @@ class CalibrationResult:
     seed: int
     seconds: float
     pruned: int = 0  # grid settings left out: their bound is below the best passing setting's
+    load_before: float | None = None  # 1-minute load average before and after the sweep
+    load_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -304,12 +306,14 @@ class CalibrationResult:
             "sweep": [s.to_dict() for s in self.sweep],
             "pruned": self.pruned,
             "seconds": round(self.seconds, 1),
+            "loadavg_before": self.load_before,
+            "loadavg_after": self.load_after,
         }
 
     def summary(self, top: int = 5) -> str:
         passing = sorted((s for s in self.sweep if s.psnr_min >= self.psnr_budget), key=_rank)
         lines = [f"calibration: {len(self.sweep)} settings (N, N_c, b) measured at T={self.num_steps}, guidance "
-                 f"{self.guidance}, in {self.seconds:.0f} s ({self.pruned} more left out: slower than the choice); "
+                 f"{self.guidance}, in {Elapsed(self.seconds, self.load_before, self.load_after).describe()} ({self.pruned} more left out: slower than the choice); "
                  f"budget: worst per-sample PSNR ≥ {self.psnr_budget:g} dB vs full compute; {len(passing)} pass"]
         lines.append(f"  {'N':>2} {'N_c':>4} {'b':>3} {'block-runs':>10} {'bound':>6} {'PSNR min':>9} {'mean':>6}")
         for s in passing[:top]:
@@ -348,7 +352,7 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
               cached_blocks: Iterable[int] | None = None, boundaries: Iterable[int] | None = None,
               pixel_space: bool = True, seed: int = 0, log: Callable[[str], None] | None = None) -> CalibrationResult:
     """Sweep the grid and choose; raises :class:`CalibrationError` when no setting meets the budget."""
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     stepper = BlockStepper(model)
     L = stepper.num_layers
     ncs = sorted(set(cached_blocks)) if cached_blocks is not None else list(range(1, L))
@@ -378,10 +382,12 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
             if setting.psnr_min >= psnr_budget and (best is None or _rank(setting) < _rank(best)):
                 best = setting
         if log is not None:
-            log(f"calibration: N_c={n_c}: {len(grid)} settings ({k + 1}/{len(ncs)}, {time.perf_counter() - t0:.0f} s)")
+            log(f"calibration: N_c={n_c}: {len(grid)} settings ({k + 1}/{len(ncs)}, {watch.seconds:.0f} s)")
     passing = [s for s in sweep if s.psnr_min >= psnr_budget]
+    took = watch.stop()
     result = CalibrationResult(psnr_budget, num_steps, L, min(passing, key=_rank) if passing else None, sweep,
-                               inputs.description, inputs.guidance, seed, time.perf_counter() - t0, pruned)
+                               inputs.description, inputs.guidance, seed, took.seconds, pruned, took.load_before,
+                               took.load_after)
     if result.chosen is None:
         best = max(sweep, key=lambda s: (s.psnr_min, s.bound))
         raise CalibrationError(

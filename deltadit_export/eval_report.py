@@ -21,15 +21,17 @@ def _fmt(v: float | None, spec: str, inf: str = "∞") -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'row':<26} {'engine':<8} {'T':>3} {'bound':>6} {'ms/img':>7} {'speedup':>8} {'acc %':>6} "
-            f"{'FD':>7} {'±':>5} {'PSNR dB':>8} {'max|Δ|':>7}")
+    head = (f"{'row':<26} {'engine':<8} {'T':>3} {'bound':>6} {'ms/img':>7} {'min–max':>13} {'speedup':>8} "
+            f"{'acc %':>6} {'FD':>7} {'±':>5} {'PSNR dB':>8} {'max|Δ|':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        spread = (f"{r['latency_min_ms']:.1f}–{r['latency_max_ms']:.1f}" if r.get("latency_min_ms") is not None
+                  else "-")
         lines.append(
             f"{r['name']:<26} {r['engine']:<8} {r['num_steps']:>3} {_fmt(r['bound'], '.2f'):>6} "
-            f"{_fmt(r['latency_ms'], '.1f'):>7} {_fmt(r['speedup'], '.2f'):>7}× {100 * r['accuracy']:>6.1f} "
-            f"{r['fd']:>7.2f} {_fmt(r.get('fd_bootstrap_std'), '.2f'):>5} {_fmt(r['psnr'], '.1f'):>8} "
-            f"{_fmt(r['max_abs'], '.3f'):>7}")
+            f"{_fmt(r['latency_ms'], '.1f'):>7} {spread:>13} {_fmt(r['speedup'], '.2f'):>7}× "
+            f"{100 * r['accuracy']:>6.1f} {r['fd']:>7.2f} {_fmt(r.get('fd_bootstrap_std'), '.2f'):>5} "
+            f"{_fmt(r['psnr'], '.1f'):>8} {_fmt(r['max_abs'], '.3f'):>7}")
     return "\n".join(lines)
 
 

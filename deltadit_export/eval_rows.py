@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import sample_rows
 from .eval_hooks import LinearWork, apply_hook
 from .sampling import runtime_generate, torch_generate
 
@@ -111,50 +112,22 @@ def generate_row(setup: EvalSetup, row: RowSpec, log: Callable[[str], None]) -> 
     return {"samples": samples, "macs": macs, "seconds": seconds, "cached": False}
 
 
-def time_rows(setup: EvalSetup, rows: list[RowSpec], repeats: int, log: Callable[[str], None],
-              runtime=None) -> dict[str, dict]:
-    """Per-image latency (guidance batch 2) of every row: median of ``repeats`` round-robin runs.
+def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
+    """The harness rows (:mod:`.timing`) of the eval rows: one image per run, guidance batch 2.
 
-    Repeat r generates image r mod 10 (a different digit and noise each repeat, the same for every row):
+    Run r generates image r mod 10 (a different digit and noise each repeat, the same for every row):
     data-dependent caches (FirstBlockCache) are timed on a spread of images, not one lucky one.
     """
-    runtime = runtime or setup.runtime
-    models: dict[str, Any] = {}
-    fns: dict[str, Callable[[int], Any]] = {}
     n_inputs = min(10, len(setup.noise))
     picks = [int(np.flatnonzero(setup.digits == d % 10)[0]) if np.any(setup.digits == d % 10) else d
              for d in range(n_inputs)]
+    inputs = [(setup.embeds[k:k + 1], setup.mask[k:k + 1], setup.negative, setup.noise[k:k + 1]) for k in picks]
+    engines = setup.runtime.manifest.root
+    out = []
     for row in rows:
         if row.engine == "runtime":
-            schedule = runtime.schedule(row.policy, num_steps=row.num_steps)
-
-            def fn(i, schedule=schedule):
-                k = picks[i]
-                return runtime_generate(runtime, schedule, setup.embeds[k:k + 1], setup.mask[k:k + 1],
-                                        setup.negative, setup.noise[k:k + 1], guidance_scale=setup.guidance)
+            out.append(sample_rows.runtime(row.name, engines, row.policy, row.num_steps, inputs, setup.guidance))
         else:
-            model = setup.torch_model_factory()
-            if row.hook:
-                apply_hook(row.hook, model, row.params, row.num_steps)
-            models[row.name] = model
-
-            def fn(i, model=model, row=row):
-                k = picks[i]
-                return torch_generate(model, setup.scheduler_config, setup.embeds[k:k + 1], setup.mask[k:k + 1],
-                                      setup.negative, setup.noise[k:k + 1], guidance_scale=setup.guidance,
-                                      num_steps=row.num_steps)
-        fns[row.name] = fn
-    for name, fn in fns.items():  # warm-up
-        fn(0)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(r % n_inputs)
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        ts = np.asarray(ts)
-        out[name] = {"median_ms": float(np.median(ts) * 1e3), "min_ms": float(ts.min() * 1e3),
-                     "max_ms": float(ts.max() * 1e3), "repeats": repeats}
+            out.append(sample_rows.eager(row.name, engines, row.num_steps, inputs, setup.guidance, hook=row.hook,
+                                         params=row.params))
     return out

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,9 +59,10 @@ from .eval_metrics import (
     CLASSIFIER_SEED, bootstrap_fd, feature_stats, frechet_distance_from_stats, reference_classifier,
 )
 from .eval_report import _cpu_name, _finite, _json_default, format_table, plot, verdicts
-from .eval_rows import EVAL_MAX_BATCH, EvalSetup, RowSpec, generate_row, runtime_rows, time_rows
+from .eval_rows import EVAL_MAX_BATCH, EvalSetup, RowSpec, generate_row, runtime_rows, timing_rows
 from .eval_tuning import tune_hooks
 from .imaging import comparison_image, grid_image, max_abs, psnr, save_png, to_uint8
+from .timing import TimingError, default_threads, measure, ratio
 
 DEFAULT_EVAL_ENGINES = Path("engines") / "pixart-digits-16-fp32-eval"
 DEFAULT_OUT = Path("docs") / "quality"
@@ -101,10 +101,10 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     t_start = time.perf_counter()
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     torch.set_grad_enabled(False)
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or default_threads()
     gen_threads = gen_threads or threads
     torch.set_num_threads(gen_threads)
-    folder, runtime, timing_runtime = open_engines(engines, threads, gen_threads, log)
+    folder, runtime = open_engines(engines, gen_threads, log)
     m = runtime.manifest
     setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work, log)
     digits, guidance = setup.digits, setup.guidance
@@ -124,12 +124,15 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     results, samples, boot = score_rows(setup, rows, clf, ref_stats, num_steps, log)
 
     log(f"timing one image per row, {repeats} round-robin repeats ...")
-    torch.set_num_threads(threads)
-    lat = time_rows(setup, rows, repeats, log, runtime=timing_runtime)
+    try:
+        timing = measure(timing_rows(setup, rows), repeats=repeats, threads=threads)
+    except TimingError as exc:
+        raise click.ClickException(str(exc)) from None
     for name, r in results.items():
-        r["latency"] = lat[name]
-        r["latency_ms"] = lat[name]["median_ms"]
-        r["speedup"] = lat[r["reference"]]["median_ms"] / lat[name]["median_ms"] if r["reference"] in lat else None
+        r["latency"] = timing.rows[name].to_dict()
+        r["latency_ms"] = timing.rows[name].median_ms
+        r["latency_min_ms"], r["latency_max_ms"] = timing.rows[name].min_ms, timing.rows[name].max_ms
+        r["speedup"] = ratio(timing, r["reference"], name)
     ordered = [results[r.name] for r in rows]
 
     out_dir = Path(out)
@@ -145,8 +148,11 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         "setup": {"samples_per_row": len(digits), "samples_per_digit": samples_per_digit, "seed": seed,
                   "num_steps": num_steps, "guidance": guidance,
                   "sampler": "DPM-Solver++ (export's scheduler/scheduler_config.json)",
-                  "threads": threads, "generation_threads": gen_threads, "timing": f"per image (guidance batch 2), median of {repeats} round-robin "
-                  "runs after one warm-up; runtime rows vs runtime full, pytorch rows vs pytorch full",
+                  "threads": threads, "generation_threads": gen_threads,
+                  "timing": f"per image (guidance batch 2), median of {repeats} round-robin runs after one warm-up "
+                  "of every row; runtime rows vs runtime full, pytorch rows vs pytorch full",
+                  "harness": {k: v for k, v in timing.to_dict().items() if k != "rows"},
+                  "harness_header": timing.header(),
                   "eval_max_batch": m.max_batch // 2, "cpu": _cpu_name(),
                   "psnr": "pooled over all pixels of all samples, pixels clamped to [-1, 1], range 2",
                   "fd": "Fréchet distance of classifier penultimate features (64-d) to the real train split"},
@@ -162,15 +168,17 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     json_path.write_text(json.dumps(_finite(report), indent=2, default=_json_default) + "\n")
     click.echo(f"{title}; classifier held-out accuracy {100 * clf.held_out_accuracy:.1f}%; FD floor (real held-out "
                f"digits) {fd_floor:.2f}")
+    for line in timing.header():
+        click.echo(line)
     click.echo(format_table(ordered))
     for line in lines:
         click.echo(line)
     click.echo(f"wrote {json_path}, {', '.join(map(str, figures))} in {time.perf_counter() - t_start:.0f} s")
 
 
-def open_engines(engines: str | None, threads: int, gen_threads: int, log: Callable[[str], None]):
-    """(folder, runtime for the samples, runtime for the timing): ``engines`` as given, or the default eval
-    export of the shipped model (exported, or re-exported when its shipped configs changed)."""
+def open_engines(engines: str | None, gen_threads: int, log: Callable[[str], None]):
+    """(folder, runtime for the samples): ``engines`` as given, or the default eval export of the shipped
+    model (exported, or re-exported when its shipped configs changed). The timing builds its own runtimes."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.manifest import load_manifest
     from runtime.schedule import ScheduleError
@@ -193,10 +201,9 @@ def open_engines(engines: str | None, threads: int, gen_threads: int, log: Calla
             if not res.reused:
                 log(res.summary())
         runtime = DeltaDiTRuntime(folder, threads=gen_threads)
-        timing_runtime = runtime if gen_threads == threads else DeltaDiTRuntime(folder, threads=threads)
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    return folder, runtime, timing_runtime
+    return folder, runtime
 
 
 def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidance: float | None, work: str | None,

@@ -11,8 +11,9 @@ What it does, on the shipped ``pixart-digits`` model by default:
    ``compare.png``: per prompt, full compute | Δ-DiT | 4× amplified absolute difference;
 5. times one image (classifier-free guidance, so the engines run batch 2) with PyTorch eager (the
    diffusers model rebuilt from the weights the manifest records, same scheduler, same noise),
-   runtime ``none`` and runtime ``delta-dit``: warm-up, then the median of ``--repeats`` runs taken
-   round-robin, so a load change on the machine hits every mode alike.
+   runtime ``none`` and runtime ``delta-dit`` through the measurement harness (:mod:`.timing`: same
+   threads and thread waiting for torch and ONNX Runtime, a warm-up of every mode, then ``--repeats``
+   round-robin runs; median with min–max, load average before and after).
 
 The sampling loops and the text encoder live in ``sampling.py`` (shared with ``deltadit-eval`` and the
 benchmarks), the image helpers and PSNR in ``imaging.py``.
@@ -21,22 +22,18 @@ Pixel-space models only: a latent model (pixart-alpha, DiT-XL/2) would need its 
 
 from __future__ import annotations
 
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import click
 import torch
 
+from . import sample_rows
 from .imaging import comparison_image, grid_image, psnr, save_png, to_uint8
 from .models import model_guidance
-from .sampling import (
-    encode_prompts, initial_noise, load_text_encoder, rebuild_torch_model, runtime_generate, scheduler_config_of,
-    stale_extras, torch_generate,
-)
+from .sampling import encode_prompts, initial_noise, load_text_encoder, runtime_generate, stale_extras
+from .timing import TimingError, default_threads, format_table, measure
 
 DEFAULT_MODEL = "pixart-digits"
 DEFAULT_ENGINES = Path("engines") / "pixart-digits-16-fp32"
@@ -69,20 +66,6 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
     return folder
 
 
-def median_latency(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function; repeats are taken round-robin across the functions."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--engines", type=click.Path(file_okay=False), default=None,
               help=f"Export folder (default {DEFAULT_ENGINES}; exported first if it has no manifest).")
@@ -111,7 +94,7 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     torch.set_grad_enabled(False)
     if samples < 1 or repeats < 1 or (threads is not None and threads < 1):
         raise click.ClickException("--samples, --repeats and --threads must be ≥ 1")
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     try:
         folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES, quiet=quiet)
@@ -140,10 +123,8 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
 
     t0 = time.perf_counter()
     delta = runtime_generate(runtime, schedule, embeds, mask, negative, noise, guidance_scale=guidance)
-    t_delta = time.perf_counter() - t0
-    t0 = time.perf_counter()
     full = runtime_generate(runtime, full_schedule, embeds, mask, negative, noise, guidance_scale=guidance)
-    t_full = time.perf_counter() - t0
+    t_gen = time.perf_counter() - t0
     if not (torch.isfinite(delta).all() and torch.isfinite(full).all()):
         raise click.ClickException("the generated samples contain NaN/Inf")
     grid_path = save_png(grid_image(to_uint8(delta), cols=S), out_dir / "grid.png")
@@ -153,28 +134,24 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     click.echo(f"{m.model['name']}: {P} prompts × {S} samples, T={s.num_steps}, guidance {guidance}, seed {seed}; "
                f"policy {s.policy} (N={s.interval}, N_c={s.cached_blocks}, b={s.boundary}: {s.block_runs} of "
                f"{s.num_steps * s.num_layers} block-runs, bound {s.bound:.2f}×)")
-    click.echo(f"  batched generation: {s.policy} {t_delta:.1f} s, full compute {t_full:.1f} s "
-               f"({t_full / t_delta:.2f}×) for {P * S} images, {runtime.manifest.max_batch // 2} per engine call")
+    # Not a speed comparison (the first policy would pay the warm-up): the latency table below is.
+    click.echo(f"  generated {P * S} images with {s.policy} and the same {P * S} with full compute in {t_gen:.1f} s "
+               f"({runtime.manifest.max_batch // 2} per engine call)")
     click.echo(f"  {s.policy} vs full compute, same seeds: PSNR {psnr(delta, full):.1f} dB, "
                f"max |Δpixel| {float((delta.clamp(-1, 1) - full.clamp(-1, 1)).abs().max()):.3f} (range [-1, 1])")
 
     if not no_timing:
-        model = rebuild_torch_model(m)
-        sched_cfg = scheduler_config_of(m)
-        one = (embeds[:1], mask[:1], negative, noise[:1])
-        fns = {
-            "pytorch eager": lambda: torch_generate(model, sched_cfg, *one, guidance_scale=guidance,
-                                                    num_steps=s.num_steps),
-            "runtime none": lambda: runtime_generate(runtime, full_schedule, *one, guidance_scale=guidance),
-            f"runtime {s.policy}": lambda: runtime_generate(runtime, schedule, *one, guidance_scale=guidance),
-        }
-        lat = median_latency(fns, repeats)
-        eager, none = lat["pytorch eager"], lat["runtime none"]
-        click.echo(f"latency per image (T={s.num_steps}, guidance batch 2, fp32, {torch.get_num_threads()} threads; "
-                   f"median of {repeats} round-robin runs after a warm-up):")
-        click.echo(f"  {'mode':<22} {'ms/image':>9} {'vs eager':>9} {'vs none':>8}")
-        for name, sec in lat.items():
-            click.echo(f"  {name:<22} {sec * 1e3:>9.1f} {eager / sec:>8.2f}× {none / sec:>7.2f}×")
+        one = [(embeds[:1], mask[:1], negative, noise[:1])]
+        rows = [sample_rows.eager("pytorch eager", folder, s.num_steps, one, guidance),
+                sample_rows.runtime("runtime none", folder, "none", s.num_steps, one, guidance)]
+        if s.policy != "none":
+            rows.append(sample_rows.runtime(f"runtime {s.policy}", folder, s.policy, s.num_steps, one, guidance))
+        try:
+            lat = measure(rows, repeats=repeats, threads=threads)
+        except TimingError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"latency per image (T={s.num_steps}, guidance batch 2, {m.precision}):")
+        click.echo(format_table(lat, {"vs eager": "pytorch eager", "vs none": "runtime none"}, unit="ms/image"))
     click.echo(f"wrote {grid_path} (grid, {s.policy}: one row per prompt) and {cmp_path} (per prompt: full | "
                f"{s.policy} | 4×|difference|) in {time.perf_counter() - t_start:.0f} s")
 
