@@ -1,4 +1,4 @@
-"""``deltadit-bench``: latency, memory and accuracy of the runtime against PyTorch eager and torch.compile.
+"""``deltadit-bench`` (``deltadit bench``): latency, memory and accuracy of the runtime against PyTorch eager and torch.compile.
 
 Four modes run the same generation (1 image, classifier-free guidance as one batch of 2 =
 [uncond; cond], T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
@@ -19,6 +19,7 @@ Layout: command line (:func:`cli`) and orchestration (:func:`run_bench`) here �
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -31,11 +32,14 @@ from click.core import ParameterSource
 
 from . import bench_rows as bench_rows_mod
 from .bench_baseline import (
-    DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, progress, rebuild_model,
-    reference_delta_dit, step_kind,
+    DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, rebuild_model, reference_delta_dit,
+    step_kind,
 )
 from .bench_report import build_report, format_report
 from .bench_rows import MODES, SEGMENT_NAMES
+from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
+from .models import check_prompt
+from .publish import write_file
 from .timing import Row, TimingError, default_threads, measure
 
 
@@ -44,7 +48,7 @@ class BenchSettings:
     num_steps: int | None = None  # None: the manifest's
     interval: int | None = None
     boundary: int | None = None
-    guidance_scale: float = 4.5
+    guidance_scale: float | None = None  # None: the model's (the manifest's)
     repeats: int = 5
     warmup: int = 1
     threads: int | None = None  # None: the CPUs this process may use
@@ -107,7 +111,13 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     if [s.kind for s in schedule.steps] != kinds or schedule.block_runs != runs or abs(schedule.bound - bound) > 1e-12:
         raise ScheduleError(f"runtime schedule {[s.kind for s in schedule.steps]} ({schedule.block_runs} block-runs) "
                             f"disagrees with DESIGN.md §2 {kinds} ({runs} block-runs)")
+    from .sampling import default_guidance
+
     threads = settings.threads or default_threads()
+    if settings.guidance_scale is None:
+        settings = dataclasses.replace(settings, guidance_scale=default_guidance(manifest))
+    if (Path(engines) / "text_encoder" / "config.json").is_file():
+        check_prompt(manifest.model["name"], settings.prompt)
     inputs = make_inputs(manifest, Path(engines), settings.seed, settings.prompt)
     common = {"engines": str(Path(engines).resolve()), "inputs": inputs, "num_steps": T, "interval": N,
               "boundary": b, "guidance_scale": settings.guidance_scale}
@@ -136,7 +146,7 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
             raise BenchError(f"the runtime's {mode} schedule {results[mode]['kinds']} is not the expected one")
     report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs, timing)
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_file(json_path, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -147,7 +157,7 @@ EXPORT_FLAGS = {  # click parameter name -> flag, for "--engines excludes these"
 }
 
 
-def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], quiet: bool) -> Path:
+def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) -> Path:
     """--engines DIR as is; otherwise export with the model flags (reusing an identical export) or the defaults."""
     from .cli import user_errors
     from .exporter import ExportOptions, export
@@ -167,26 +177,19 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
             cached_blocks=p["cached_blocks"], precision=p["precision"], out=p["out"], opset=p["opset"],
             exporter=p["exporter"], max_batch=p["max_batch"], force=p["force"],
         )
-        if not quiet:
-            progress("exporting with the model flags, or reusing an identical earlier export" if given else
-                     f"no --engines and no model flags: the default export of {options.model}")
-        result = export(options, Progress(stream=sys.stderr, quiet=quiet))
+        log.info("%s", "exporting with the model flags, or reusing an identical earlier export" if given else
+                 f"no --engines and no model flags: the default export of {options.model}")
+        result = export(options, Progress(stream=sys.stderr, quiet=quiet()))
     except user_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    if not quiet:
-        print(result.summary(), file=sys.stderr, flush=True)
+    log.info("%s", result.summary())
     return result.out
 
 
-@click.command(name="deltadit-bench", context_settings={"help_option_names": ["-h", "--help"],
-                                                         "max_content_width": 100})
-
-
+@click.command(name="bench", context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
               help="An export folder (manifest.json). Without it, the model flags below export first "
                    "(reusing an identical export), or the default export is used.")
-
-
 @click.option("--model", default=None, help="As deltadit-export --model (default pixart-digits).")
 @click.option("--resolution", type=int, default=None, help="As deltadit-export.")
 @click.option("--weights", type=click.Path(file_okay=False), default=None, help="As deltadit-export.")
@@ -201,48 +204,33 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any], 
 @click.option("--max-batch", type=int, default=4, show_default=True, help="As deltadit-export.")
 @click.option("--force", is_flag=True, help="As deltadit-export: re-export even if an identical export exists.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=None,
-              help="T steps to run (default: the manifest's, 20). Run-time only: the export is not changed.")
-
-
+              help="T steps to run (default: the manifest's). Run-time only: the export is not changed.")
 @click.option("--interval", type=click.IntRange(min=1), default=None, help="Δ-DiT cache interval N (default: manifest).")
 @click.option("--boundary", type=click.IntRange(min=0), default=None,
               help="Δ-DiT boundary step b, 0..T (default: the manifest's, scaled as b/T when --steps differs).")
-
-
-@click.option("--guidance-scale", type=click.FloatRange(min=1.0, min_open=True), default=4.5, show_default=True,
-              help="Classifier-free guidance scale (> 1: the batch is 2 = [uncond; cond]).")
-
-
+@click.option("--guidance-scale", type=click.FloatRange(min=1.0, min_open=True), default=None,
+              help="Classifier-free guidance scale, > 1: the batch is 2 = [uncond; cond] (default: the model's, "
+                   "recorded in the manifest).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Timed runs per mode; the median is reported.")
-
-
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+              help="Timed round-robin rounds; the median and min–max are reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed runs of every mode before any timed run (torch-compile also compiles in its setup).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch and onnxruntime intra-op threads (default os.cpu_count()).")
-
-
+              help="torch and onnxruntime intra-op threads (default: all this process may use).")
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the latents and conditioning.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
-
-
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="Runtime backend (onnxruntime: the CPU, like the eager baseline; auto: the fastest usable).")
-
-
 @click.option("--modes", default=",".join(MODES), show_default=True,
               help="Comma-separated subset of eager,torch-compile,none,delta-dit.")
-
-
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the results as JSON to this file.")
-
-
-@click.option("-q", "--quiet", is_flag=True, help="No export progress.")
+@verbosity_options
+@version_option
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
-        backend, modes, json_path, quiet, **export_flags):
+        backend, modes, json_path, **export_flags):
     """Benchmark PyTorch eager and torch.compile against the runtime (policy none) and Δ-DiT.
 
     Each mode runs in its own process; all are warmed up before any timed run, then timed round-robin
@@ -261,7 +249,7 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
         raise click.BadParameter(f"{backend!r} is not auto or one of {', '.join(BACKENDS)}", param_hint="'--backend'")
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise click.BadParameter(f"the folder of {json_path} does not exist", param_hint="'--json'")
-    folder = _engines_folder(ctx, engines, export_flags, quiet)
+    folder = _engines_folder(ctx, engines, export_flags)
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
                              backend=backend, modes=tuple(m for m in MODES if m in selected))
@@ -271,7 +259,7 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
         raise click.ClickException(str(exc)) from None
     click.echo(format_report(report))
     if json_path:
-        progress(f"wrote {json_path}")
+        log.info("wrote %s", json_path)
 
 
 def main(argv: list[str] | None = None):

@@ -6,15 +6,12 @@ checked against.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PROMPT = "a handwritten digit 7"  # for models shipped with the hashed-word text encoder
-
-
-def progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger("deltadit")
 
 
 # ============================================================================ schedule rule (independent)
@@ -132,8 +129,8 @@ def rebuild_model(manifest):
         source = WeightsSource("random", seed=src.get("seed", 0), overrides=src.get("overrides", {}))
         exported_with = manifest.export.get("torch")
         if exported_with and exported_with != torch.__version__:
-            progress(f"warning: random weights were drawn with torch {exported_with}, this is torch "
-                     f"{torch.__version__}: the init may differ (the none-vs-eager error will show it)")
+            log.warning("random weights were drawn with torch %s, this is torch %s: the init may differ (the "
+                        "none-vs-eager error will show it)", exported_with, torch.__version__)
     else:
         path = src.get("path")
         if not path or not Path(path).is_dir():

@@ -41,6 +41,7 @@ import torch
 from runtime.schedule import Cuts, DeltaDiTPolicy, NoCachePolicy, Schedule, StepPlan
 
 from .models import DEFAULT_GUIDANCE, model_guidance
+from .console import bar
 from .timing import Elapsed, Stopwatch
 
 DEFAULT_PSNR_BUDGET = 30.0
@@ -368,10 +369,13 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
     best: Setting | None = None
     # N_c from high to low: the bound grows with N_c (and N), so once a setting passes, every (N, N_c) whose
     # bound is below the best passing one can be left out without changing the choice.
+    progress = bar(total=len(ncs) * len(ns) * len(bs), desc="calibration", unit="setting")
     for k, n_c in enumerate(sorted(ncs, reverse=True)):
         grid = [(n, b) for n in ns for b in bs
                 if best is None or _bound(num_steps, L, n_c, n) >= best.bound - 1e-12]
         pruned += len(ns) * len(bs) - len(grid)
+        progress.set_postfix_str(f"N_c={n_c}", refresh=True)
+        progress.update(len(ns) * len(bs) - len(grid))  # pruned settings count as done
         if not grid:
             continue
         schedules = [DeltaDiTPolicy(interval=n, boundary=b).plan(num_steps, Cuts(L, n_c)) for n, b in grid]
@@ -381,8 +385,10 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
             sweep.append(setting)
             if setting.psnr_min >= psnr_budget and (best is None or _rank(setting) < _rank(best)):
                 best = setting
+        progress.update(len(grid))
         if log is not None:
             log(f"calibration: N_c={n_c}: {len(grid)} settings ({k + 1}/{len(ncs)}, {watch.seconds:.0f} s)")
+    progress.close()
     passing = [s for s in sweep if s.psnr_min >= psnr_budget]
     took = watch.stop()
     result = CalibrationResult(psnr_budget, num_steps, L, min(passing, key=_rank) if passing else None, sweep,

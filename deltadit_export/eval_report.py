@@ -3,11 +3,14 @@ and JSON helpers."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .publish import write_file
 
 TARGETS = {"speedup": 1.5, "accuracy_points": 2.0, "fd_relative": 0.10}
 
@@ -70,10 +73,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return path
+    return write_file(path, buf.getvalue())
 
 
 def verdicts(rows: dict[str, dict[str, Any]], boot: dict[str, np.ndarray] | None = None) -> list[str]:

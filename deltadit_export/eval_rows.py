@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import time
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 
 from . import sample_rows
+from .console import log
 from .eval_hooks import LinearWork, apply_hook
+from .publish import write_file
 from .sampling import runtime_generate, torch_generate
 
 EVAL_MAX_BATCH = 100  # images per engine call in the eval export (engines take 200 rows with guidance)
@@ -80,7 +83,7 @@ def _row_cache_path(setup: EvalSetup, row: RowSpec) -> Path | None:
     return setup.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
 
 
-def generate_row(setup: EvalSetup, row: RowSpec, log: Callable[[str], None]) -> dict[str, Any]:
+def generate_row(setup: EvalSetup, row: RowSpec) -> dict[str, Any]:
     """Samples of one row (cached on disk) plus, for PyTorch rows, the Linear multiply-adds executed."""
     path = _row_cache_path(setup, row)
     if path is not None and path.is_file():
@@ -92,7 +95,7 @@ def generate_row(setup: EvalSetup, row: RowSpec, log: Callable[[str], None]) -> 
     if row.engine == "runtime":
         schedule = setup.runtime.schedule(row.policy, num_steps=row.num_steps)
         samples = runtime_generate(setup.runtime, schedule, setup.embeds, setup.mask, setup.negative, setup.noise,
-                                   guidance_scale=setup.guidance, chunk=row.chunk)
+                                   guidance_scale=setup.guidance, chunk=row.chunk, desc=row.name)
     else:
         model = setup.torch_model_factory()
         if row.hook:
@@ -100,15 +103,16 @@ def generate_row(setup: EvalSetup, row: RowSpec, log: Callable[[str], None]) -> 
         work = LinearWork(model)
         samples = torch_generate(model, setup.scheduler_config, setup.embeds, setup.mask, setup.negative,
                                  setup.noise, guidance_scale=setup.guidance, num_steps=row.num_steps,
-                                 chunk=row.chunk or EVAL_MAX_BATCH)
+                                 chunk=row.chunk or EVAL_MAX_BATCH, desc=row.name)
         macs = work.macs
         work.close()
     seconds = time.perf_counter() - t0
     if not torch.isfinite(samples).all():
-        log(f"warning: row {row.name!r} produced NaN/Inf samples")
+        log.warning("row %r produced NaN/Inf samples", row.name)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, samples=samples.numpy(), macs=macs, seconds=seconds)
+        buf = io.BytesIO()
+        np.savez(buf, samples=samples.numpy(), macs=macs, seconds=seconds)
+        write_file(path, buf.getvalue())
     return {"samples": samples, "macs": macs, "seconds": seconds, "cached": False}
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from .console import log
 from .eval_hooks import (
     FBC_THRESHOLDS, FIXED_HOOK_PARAMS, HOOK_ROWS, MAG_THRESHOLDS, NOT_APPLICABLE, LinearWork, apply_hook,
 )
@@ -37,8 +38,7 @@ def _hook_bound(setup: EvalSetup, name: str, params: dict, num_steps: int, input
     return full_macs_per_image * len(noise) / max(work.macs, 1)
 
 
-def tune_hooks(setup: EvalSetup, num_steps: int, target_bound: float, log: Callable[[str], None],
-               tuning_images: int = 10, tuning_seed: int = 1000,
+def tune_hooks(setup: EvalSetup, num_steps: int, target_bound: float, tuning_images: int = 10, tuning_seed: int = 1000,
                names: tuple[str, ...] = HOOK_ROWS) -> tuple[list[RowSpec], dict[str, Any]]:
     """One RowSpec per applicable diffusers cache hook (those in ``names``).
 
@@ -68,7 +68,7 @@ def tune_hooks(setup: EvalSetup, num_steps: int, target_bound: float, log: Calla
                 break
         th = min(sweep, key=lambda k: (abs(sweep[k] - target_bound), k))
         report["FirstBlockCache"] = {"chosen": {"threshold": th}, "sweep_bound": {str(k): v for k, v in sweep.items()}}
-        log(f"  FirstBlockCache: threshold {th} (tuning bound {sweep[th]:.2f}×)")
+        log.info("  FirstBlockCache: threshold %s (tuning bound %.2f×)", th, sweep[th])
         rows.append(RowSpec("FirstBlockCache", "pytorch", num_steps, hook="FirstBlockCache", params={"threshold": th},
                             chunk=1, note="threshold tuned to delta-dit's bound; one image per call"))
     fixed_notes = {
@@ -80,12 +80,12 @@ def tune_hooks(setup: EvalSetup, num_steps: int, target_bound: float, log: Calla
         if name in names:
             rows.append(RowSpec(name, "pytorch", num_steps, hook=name, params=FIXED_HOOK_PARAMS[name], note=note))
     if "MagCache" in names:
-        rows.append(_tune_magcache(setup, num_steps, target_bound, log, inputs, full_per_image, report))
+        rows.append(_tune_magcache(setup, num_steps, target_bound, inputs, full_per_image, report))
     report["not_applicable"] = NOT_APPLICABLE
     return rows, report
 
 
-def _tune_magcache(setup, num_steps, target_bound, log, inputs, full_per_image, report) -> RowSpec:
+def _tune_magcache(setup, num_steps, target_bound, inputs, full_per_image, report) -> RowSpec:
     """MagCache: its own calibration mode gives the magnitude ratios, then the threshold closest to the target."""
     tuning_images = len(inputs[2])
     model = apply_hook("MagCache", setup.torch_model_factory(), {"calibrate": True}, num_steps)
@@ -106,6 +106,6 @@ def _tune_magcache(setup, num_steps, target_bound, log, inputs, full_per_image, 
     th = min(sweep, key=lambda k: (abs(sweep[k] - target_bound), k))
     report["MagCache"] = {"chosen": dict(base_params, threshold=th),
                           "sweep_bound": {str(k): v for k, v in sweep.items()}}
-    log(f"  MagCache: threshold {th} (bound {sweep[th]:.2f}×; ratios calibrated on {tuning_images} images)")
+    log.info("  MagCache: threshold %s (bound %.2f×; ratios calibrated on %d images)", th, sweep[th], tuning_images)
     return RowSpec("MagCache", "pytorch", num_steps, hook="MagCache", params=dict(base_params, threshold=th),
                    note="mag_ratios from its calibration mode; threshold tuned to delta-dit's bound")

@@ -1,4 +1,4 @@
-"""``deltadit-eval``: the quality harness of Δ-DiT on the shipped ``pixart-digits`` model.
+"""``deltadit-eval`` (``deltadit eval``): the quality harness of Δ-DiT on the shipped ``pixart-digits`` model.
 
 Every row generates the same samples (``--samples-per-digit`` per digit, digit-major, initial noise
 from one ``torch.Generator(--seed)``, T=20 DPM-Solver++ with classifier-free guidance at the shipped
@@ -48,12 +48,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
 import torch
 
+from .console import CONTEXT_SETTINGS, bar, log, quiet, verbosity_options, version_option
 from .eval_hooks import HOOK_ROWS
 from .eval_metrics import (
     CLASSIFIER_SEED, bootstrap_fd, feature_stats, frechet_distance_from_stats, reference_classifier,
@@ -62,13 +63,14 @@ from .eval_report import _cpu_name, _finite, _json_default, format_table, plot, 
 from .eval_rows import EVAL_MAX_BATCH, EvalSetup, RowSpec, generate_row, runtime_rows, timing_rows
 from .eval_tuning import tune_hooks
 from .imaging import comparison_image, grid_image, max_abs, psnr, save_png, to_uint8
+from .publish import write_file
 from .timing import TimingError, default_threads, measure, ratio
 
 DEFAULT_EVAL_ENGINES = Path("engines") / "pixart-digits-16-fp32-eval"
 DEFAULT_OUT = Path("docs") / "quality"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(name="eval", context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(file_okay=False), default=None,
               help=f"Export folder (default {DEFAULT_EVAL_ENGINES}, exported from the shipped model with "
                    f"--max-batch {EVAL_MAX_BATCH}; re-exported when the weights change).")
@@ -76,7 +78,8 @@ DEFAULT_OUT = Path("docs") / "quality"
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (shared by all rows).")
 @click.option("--steps", "num_steps", type=int, default=20, show_default=True)
 @click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale (default: the shipped model's, from its model card).")
+              help="Classifier-free guidance scale (default: the model's, recorded in the manifest: the model card's "
+                   "for pixart-digits).")
 @click.option("--repeats", type=int, default=15, show_default=True, help="Timed runs per row (median reported).")
 @click.option("--threads", type=int, default=None,
               help="CPU threads of ONNX Runtime and PyTorch for the latency measurement (default: all cores).")
@@ -91,6 +94,8 @@ DEFAULT_OUT = Path("docs") / "quality"
               help="Folder for quality.json, speedup_vs_fd.png and sample grids.")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Cache of per-row samples (default <engines>.eval-cache next to the export); --work '' disables it.")
+@verbosity_options
+@version_option
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,
          tuning_images, out, work):
     """Measure Δ-DiT's quality and speed on pixart-digits against full compute, fewer steps and other caches."""
@@ -99,31 +104,30 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     from .digits import load_digit_split
 
     t_start = time.perf_counter()
-    log = lambda s: click.echo(s, err=True)  # noqa: E731
     torch.set_grad_enabled(False)
     threads = threads or default_threads()
     gen_threads = gen_threads or threads
     torch.set_num_threads(gen_threads)
-    folder, runtime = open_engines(engines, gen_threads, log)
+    folder, runtime = open_engines(engines, gen_threads)
     m = runtime.manifest
-    setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work, log)
+    setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work)
     digits, guidance = setup.digits, setup.guidance
 
-    log(f"training the reference classifier (seed {CLASSIFIER_SEED}) ...")
+    log.info("training the reference classifier (seed %d) ...", CLASSIFIER_SEED)
     clf = reference_classifier(m.sample_shape[-1])
     (xtr, _), (xho, _) = load_digit_split(m.sample_shape[-1])
     ref_stats = feature_stats(clf.features(xtr))
     fd_floor = frechet_distance_from_stats(*feature_stats(clf.features(xho)), *ref_stats)
-    log(f"classifier held-out accuracy {clf.held_out_accuracy:.4f}; FD floor (real held-out vs real train) "
-        f"{fd_floor:.2f}")
+    log.info("classifier held-out accuracy %.4f; FD floor (real held-out vs real train) %.2f", clf.held_out_accuracy,
+             fd_floor)
 
     try:
-        rows, tuning = choose_rows(setup, num_steps, only, no_hooks, tuning_images, log)
+        rows, tuning = choose_rows(setup, num_steps, only, no_hooks, tuning_images)
     except ScheduleError as exc:
         raise click.ClickException(str(exc)) from None
-    results, samples, boot = score_rows(setup, rows, clf, ref_stats, num_steps, log)
+    results, samples, boot = score_rows(setup, rows, clf, ref_stats, num_steps)
 
-    log(f"timing one image per row, {repeats} round-robin repeats ...")
+    log.info("timing one image per row, %d round-robin repeats ...", repeats)
     try:
         timing = measure(timing_rows(setup, rows), repeats=repeats, threads=threads)
     except TimingError as exc:
@@ -165,7 +169,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     json_path = out_dir / "quality.json"
-    json_path.write_text(json.dumps(_finite(report), indent=2, default=_json_default) + "\n")
+    write_file(json_path, json.dumps(_finite(report), indent=2, default=_json_default) + "\n")
     click.echo(f"{title}; classifier held-out accuracy {100 * clf.held_out_accuracy:.1f}%; FD floor (real held-out "
                f"digits) {fd_floor:.2f}")
     for line in timing.header():
@@ -176,7 +180,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     click.echo(f"wrote {json_path}, {', '.join(map(str, figures))} in {time.perf_counter() - t_start:.0f} s")
 
 
-def open_engines(engines: str | None, gen_threads: int, log: Callable[[str], None]):
+def open_engines(engines: str | None, gen_threads: int):
     """(folder, runtime for the samples): ``engines`` as given, or the default eval export of the shipped
     model (exported, or re-exported when its shipped configs changed). The timing builds its own runtimes."""
     from runtime import DeltaDiTRuntime, ManifestError
@@ -195,27 +199,29 @@ def open_engines(engines: str | None, gen_threads: int, log: Callable[[str], Non
             folder = DEFAULT_EVAL_ENGINES
             opts = ExportOptions(out=str(folder), max_batch=EVAL_MAX_BATCH)
             if (folder / "manifest.json").is_file() and stale_extras(load_manifest(folder)):
-                log(f"the shipped model's sampler/encoder config changed since {folder} was exported: re-exporting")
+                log.info("the shipped model's sampler/encoder config changed since %s was exported: re-exporting",
+                         folder)
                 opts = dataclasses.replace(opts, force=True)
-            res = export(opts, Progress(stream=sys.stderr))
+            res = export(opts, Progress(stream=sys.stderr, quiet=quiet()))
             if not res.reused:
-                log(res.summary())
+                log.info("%s", res.summary())
         runtime = DeltaDiTRuntime(folder, threads=gen_threads)
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     return folder, runtime
 
 
-def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidance: float | None, work: str | None,
-               log: Callable[[str], None]) -> EvalSetup:
+def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidance: float | None,
+               work: str | None) -> EvalSetup:
     """The inputs every row shares: prompts (digit-major), noise, the sampler config, the PyTorch model."""
     from .digits import prompt_for_digit
-    from .models import model_guidance
-    from .sampling import encode_prompts, initial_noise, load_text_encoder, rebuild_torch_model, scheduler_config_of
+    from .sampling import (
+        default_guidance, encode_prompts, initial_noise, load_text_encoder, rebuild_torch_model, scheduler_config_of,
+    )
 
     m = runtime.manifest
-    encoder = load_text_encoder(m, warn=lambda s: log(f"warning: {s}"))
-    guidance = guidance if guidance is not None else model_guidance(m.model["name"])
+    encoder = load_text_encoder(m, warn=log.warning)
+    guidance = guidance if guidance is not None else default_guidance(m)
     digits = np.repeat(np.arange(10), samples_per_digit)
     embeds, mask = encode_prompts(encoder, [prompt_for_digit(int(d)) for d in digits])
     negative = encode_prompts(encoder, [""])
@@ -239,8 +245,8 @@ def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidanc
                      fingerprint)
 
 
-def choose_rows(setup: EvalSetup, num_steps: int, only: str | None, no_hooks: bool, tuning_images: int,
-                log: Callable[[str], None]) -> tuple[list[RowSpec], dict[str, Any]]:
+def choose_rows(setup: EvalSetup, num_steps: int, only: str | None, no_hooks: bool,
+                tuning_images: int) -> tuple[list[RowSpec], dict[str, Any]]:
     """The rows to run (``--rows`` keeps the full-compute rows and delta-dit) and the hook tuning record."""
     runtime = setup.runtime
     rows = runtime_rows(runtime, num_steps)
@@ -250,23 +256,23 @@ def choose_rows(setup: EvalSetup, num_steps: int, only: str | None, no_hooks: bo
     wanted = None if not only else {s.strip() for s in only.split(",")} | {"full", "pytorch full", "delta-dit"}
     hook_names = tuple(h for h in HOOK_ROWS if wanted is None or h in wanted)
     if not no_hooks and hook_names:
-        log("choosing diffusers cache-hook settings ...")
-        hook_rows, tuning = tune_hooks(setup, num_steps, target, log, tuning_images=tuning_images, names=hook_names)
+        log.info("choosing diffusers cache-hook settings ...")
+        hook_rows, tuning = tune_hooks(setup, num_steps, target, tuning_images=tuning_images, names=hook_names)
         rows += hook_rows
     if wanted is not None:
         rows = [r for r in rows if r.name in wanted]
     return rows, tuning
 
 
-def score_rows(setup: EvalSetup, rows: list[RowSpec], clf, ref_stats, num_steps: int, log: Callable[[str], None]):
+def score_rows(setup: EvalSetup, rows: list[RowSpec], clf, ref_stats, num_steps: int):
     """Generate every row's samples and score them: accuracy, FD (with paired bootstrap), PSNR, max|Δ|, bound.
     Returns (results by row name, samples by row name, bootstrap FDs by row name)."""
     runtime, digits = setup.runtime, setup.digits
     results: dict[str, dict[str, Any]] = {}
     samples: dict[str, torch.Tensor] = {}
     features: dict[str, np.ndarray] = {}  # classifier features per row: FD now, the paired bootstrap after
-    for row in rows:
-        g = generate_row(setup, row, log)
+    for row in bar(rows, desc="eval rows", unit="row", leave=True):
+        g = generate_row(setup, row)
         samples[row.name] = g["samples"]
         x = g["samples"]
         pred = clf.predict(x)
@@ -286,8 +292,8 @@ def score_rows(setup: EvalSetup, rows: list[RowSpec], clf, ref_stats, num_steps:
         elif row.engine == "runtime":
             results[row.name]["bound"] = num_steps / row.num_steps
         took = "cached" if g["cached"] else f"{g['seconds']:.0f} s"
-        log(f"  {row.name}: accuracy {100 * results[row.name]['accuracy']:.1f}%, FD {results[row.name]['fd']:.2f} "
-            f"({took})")
+        log.info("  %s: accuracy %.1f%%, FD %.2f (%s)", row.name, 100 * results[row.name]["accuracy"],
+                 results[row.name]["fd"], took)
     boot = bootstrap_fd(features, ref_stats)
     for name, r in results.items():
         r["fd_bootstrap_std"] = float(boot[name].std(ddof=1))

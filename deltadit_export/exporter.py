@@ -43,6 +43,7 @@ from .models import (
     check_resolution,
     get_spec,
     locate_weights,
+    model_guidance,
     random_config,
     read_transformer_config,
     weights_fingerprint,
@@ -192,7 +193,29 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         check_resolution(spec, resolution, options.weights is not None)
         source = locate_weights(spec, resolution, options.weights)
         config = {k: v for k, v in read_transformer_config(Path(source.path)).items() if not k.startswith("_")}
-    num_layers = config.get("num_layers", 28)
+    cuts, sched = resolve_schedule(spec, options, config.get("num_layers", 28))
+    n_c = cuts.cached_blocks
+    out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
+    # The key is built from resolved values, so `--resolution 512` and the default 512 share one export.
+    fields = options.cache_fields()
+    fields.update(resolution=resolution, cached_blocks=n_c, num_steps=sched["num_steps"],
+                  interval=sched["interval"], boundary=sched["boundary"], backends=sorted(set(options.backends)))
+    key_material = {
+        "options": fields,
+        "weights": weights_fingerprint(source, config),
+        "extras": _extras_fingerprint(_extras_root(spec, source)),
+        "guidance_scale": model_guidance(spec.name),  # recorded in the manifest
+        "deltadit": __version__,
+        "format_version": FORMAT_VERSION,
+        "torch": _torch_version(),
+        "diffusers": _package_version("diffusers"),
+    }
+    cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
+    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key)
+
+
+def resolve_schedule(spec, options: ExportOptions, num_layers: Any) -> tuple[Cuts, dict[str, Any]]:
+    """The cut points and the default schedule for ``num_layers`` blocks and these options, checked."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
         raise OptionError(f"num_layers={num_layers!r} in the model config: expected an integer ≥ 2 (the cache "
                           "needs at least one cached and one uncached block)")
@@ -218,22 +241,29 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     except ScheduleError as exc:
         raise OptionError(str(exc)) from None
     sched = {"policy": "delta-dit", "cached_blocks": n_c, **sched}
-    out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
-    # The key is built from resolved values, so `--resolution 512` and the default 512 share one export.
-    fields = options.cache_fields()
-    fields.update(resolution=resolution, cached_blocks=n_c, num_steps=sched["num_steps"],
-                  interval=sched["interval"], boundary=sched["boundary"], backends=sorted(set(options.backends)))
-    key_material = {
-        "options": fields,
-        "weights": weights_fingerprint(source, config),
-        "extras": _extras_fingerprint(_extras_root(spec, source)),
-        "deltadit": __version__,
-        "format_version": FORMAT_VERSION,
-        "torch": _torch_version(),
-        "diffusers": _package_version("diffusers"),
-    }
-    cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
-    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key)
+    return cuts, sched
+
+
+def schedule_layers(options: ExportOptions) -> int:
+    """L for ``--print-schedule`` without locating or loading any weights (well under a second): ``--set
+    num_layers``, else the ``--weights`` folder's config.json, else the shipped model's config, else the
+    published architecture in the registry (28 for pixart-alpha and dit-xl-2)."""
+    spec = get_spec(options.model)
+    if options.overrides and not options.random_weights:
+        raise OptionError("--set changes the architecture, so it needs --random-weights")
+    if options.random_weights and "num_layers" in options.overrides:
+        return options.overrides["num_layers"]  # checked by resolve_schedule (the other keys are not needed here)
+    folder = Path(options.weights) if options.weights else None
+    if folder is None and spec.bundled:  # its config also shapes --random-weights
+        from .models import PACKAGE_WEIGHTS
+
+        folder = PACKAGE_WEIGHTS / spec.bundled
+    if folder is not None:
+        if not folder.is_dir():
+            raise ModelError(f"--weights {folder} does not exist: pass a local diffusers folder")
+        sub = folder / "transformer"
+        return read_transformer_config(sub if (sub / "config.json").is_file() else folder).get("num_layers", 28)
+    return (spec.random_config or {}).get("num_layers", 28)
 
 
 def _package_version(name: str) -> str:
@@ -418,6 +448,7 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
             conditioning["text_encoder"] = "text_encoder"
     else:
         conditioning = {"kind": "class", "num_classes": model.config.num_embeds_ada_norm, "null_class": 1000}
+    conditioning["guidance_scale"] = model_guidance(job.spec.name)  # the model's default (runtime.generate's)
     _copy_bundled_extras(job, tmp)
     manifest = Manifest(
         model={"name": job.spec.name, "family": shape.family, "diffusers_class": job.spec.diffusers_class,

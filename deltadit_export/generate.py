@@ -1,4 +1,4 @@
-"""``deltadit-generate``: run the exported engines for prompts and write PNGs.
+"""``deltadit-generate`` (``deltadit generate``): run the exported engines for prompts and write PNGs.
 
 What it does, on the shipped ``pixart-digits`` model by default:
 
@@ -29,10 +29,15 @@ from pathlib import Path
 import click
 import torch
 
+from runtime.schedule import POLICY_NAMES
+
 from . import sample_rows
+from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .imaging import comparison_image, grid_image, psnr, save_png, to_uint8
-from .models import model_guidance
-from .sampling import encode_prompts, initial_noise, load_text_encoder, runtime_generate, stale_extras
+from .models import check_prompt, model_guidance
+from .sampling import (
+    default_guidance, encode_prompts, initial_noise, load_text_encoder, runtime_generate, stale_extras,
+)
 from .timing import TimingError, default_threads, format_table, measure
 
 DEFAULT_MODEL = "pixart-digits"
@@ -46,8 +51,7 @@ def default_prompts() -> list[str]:
     return [prompt_for_digit(d) for d in range(10)]
 
 
-def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: int = 4, quiet: bool = False,
-                  **options) -> Path:
+def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: int = 4, **options) -> Path:
     """The export at ``folder``; exports ``model`` there first (exporter library) when it has no manifest."""
     from runtime.manifest import MANIFEST_NAME
 
@@ -57,33 +61,38 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
     from .exporter import ExportOptions, export
     from .progress import Progress
 
-    if not quiet:
-        click.echo(f"no export at {folder}: exporting {model} first", err=True)
+    log.info("no export at %s: exporting %s first", folder, model)
     result = export(ExportOptions(model=model, out=str(folder), max_batch=max_batch, **options),
-                    Progress(stream=sys.stderr, quiet=quiet))
-    if not quiet:
-        click.echo(result.summary(), err=True)
+                    Progress(stream=sys.stderr, quiet=quiet()))
+    log.info("%s", result.summary())
     return folder
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(name="generate", context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(file_okay=False), default=None,
               help=f"Export folder (default {DEFAULT_ENGINES}; exported first if it has no manifest).")
-@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable). Default: 'a handwritten digit 0'..'9'.")
-@click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Images per prompt.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt (repeatable). Default: 'a handwritten digit 0'..'9' (all that pixart-digits knows).")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+              help="Images per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--steps", "num_steps", type=int, default=None, help="Denoising steps T (default: the manifest's, 20).")
+@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=None,
+              help="Denoising steps T (default: the manifest's).")
 @click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale (default: the shipped model's, from its model card; else 4.5).")
-@click.option("--policy", default="delta-dit", show_default=True,
-              help="Cache policy of the grid: delta-dit, delta-front, delta-rear, output-cache, none.")
+              help=f"Classifier-free guidance scale (default: the model's, recorded in the manifest: "
+                   f"{model_guidance(DEFAULT_MODEL):g} for {DEFAULT_MODEL}, from its model card).")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default="delta-dit", show_default=True,
+              help="Cache policy of the grid.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for grid.png and compare.png (default: the export folder).")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (median reported).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed rounds (median and min–max reported).")
 @click.option("--no-timing", is_flag=True, help="Skip the latency comparison.")
-@click.option("--threads", type=int, default=None, help="CPU threads of ONNX Runtime and PyTorch (default: all cores).")
-@click.option("-q", "--quiet", is_flag=True, help="No export progress output.")
-def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads, quiet):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of ONNX Runtime and PyTorch (default: all this process may use).")
+@verbosity_options
+@version_option
+def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads):
     """Generate images with the exported engines and the Δ-DiT cache; compare with full compute and PyTorch eager."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -92,29 +101,29 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
 
     t_start = time.perf_counter()
     torch.set_grad_enabled(False)
-    if samples < 1 or repeats < 1 or (threads is not None and threads < 1):
-        raise click.ClickException("--samples, --repeats and --threads must be ≥ 1")
     threads = threads or default_threads()
     torch.set_num_threads(threads)
+    prompts = list(prompts) or default_prompts()
     try:
-        folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES, quiet=quiet)
+        folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES)
         runtime = DeltaDiTRuntime(folder, threads=threads)
         m = runtime.manifest
         if m.export.get("vae_scale_factor", 8) != 1:
             raise click.ClickException(f"{m.model['name']} works in a VAE latent space; deltadit-generate writes "
                                        "images for pixel-space models (pixart-digits) only")
-        encoder = load_text_encoder(m, warn=lambda s: click.echo(f"warning: {s}", err=True))
+        for p in prompts:
+            check_prompt(m.model["name"], p)
+        encoder = load_text_encoder(m, warn=log.warning)
         stale = stale_extras(m)
         if stale:
-            click.echo(f"warning: {', '.join(stale)} in {folder} differ from the shipped {m.model['name']}: this export "
-                       "predates the model's current sampler/encoder config; re-export with `deltadit-export --force`",
-                       err=True)
-        guidance = guidance if guidance is not None else model_guidance(m.model["name"])
+            log.warning("%s in %s differ from the shipped %s: this export predates the model's current "
+                        "sampler/encoder config; re-export with `deltadit-export --force`", ", ".join(stale), folder,
+                        m.model["name"])
+        guidance = guidance if guidance is not None else default_guidance(m)
         schedule = runtime.schedule(policy, num_steps=num_steps)
         full_schedule = runtime.schedule("none", num_steps=schedule.num_steps)
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    prompts = list(prompts) or default_prompts()
     out_dir = Path(out) if out else folder
     P, S = len(prompts), samples
     embeds, mask = encode_prompts(encoder, [p for p in prompts for _ in range(S)])
@@ -122,16 +131,20 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     noise = initial_noise(P * S, tuple(m.sample_shape), seed)
 
     t0 = time.perf_counter()
-    delta = runtime_generate(runtime, schedule, embeds, mask, negative, noise, guidance_scale=guidance)
-    full = runtime_generate(runtime, full_schedule, embeds, mask, negative, noise, guidance_scale=guidance)
+    delta = runtime_generate(runtime, schedule, embeds, mask, negative, noise, guidance_scale=guidance,
+                             desc=f"generating ({schedule.policy})")
+    full = runtime_generate(runtime, full_schedule, embeds, mask, negative, noise, guidance_scale=guidance,
+                            desc="generating (full compute)")
     t_gen = time.perf_counter() - t0
     if not (torch.isfinite(delta).all() and torch.isfinite(full).all()):
         raise click.ClickException("the generated samples contain NaN/Inf")
+    labels = [_row_label(p) for p in prompts]
     grid_path = save_png(grid_image(to_uint8(delta), cols=S), out_dir / "grid.png")
-    cmp_path = save_png(comparison_image(full, delta, P, S, shown=min(S, 3)), out_dir / "compare.png")
+    cmp_path = save_png(comparison_image(full, delta, P, S, shown=min(S, 3), row_labels=labels,
+                                         names=("full", schedule.policy, "difference")), out_dir / "compare.png")
 
     s = schedule
-    click.echo(f"{m.model['name']}: {P} prompts × {S} samples, T={s.num_steps}, guidance {guidance}, seed {seed}; "
+    click.echo(f"{m.model['name']}: {P} prompts × {S} samples, T={s.num_steps}, guidance {guidance:g}, seed {seed}; "
                f"policy {s.policy} (N={s.interval}, N_c={s.cached_blocks}, b={s.boundary}: {s.block_runs} of "
                f"{s.num_steps * s.num_layers} block-runs, bound {s.bound:.2f}×)")
     # Not a speed comparison (the first policy would pay the warm-up): the latency table below is.
@@ -154,6 +167,14 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
         click.echo(format_table(lat, {"vs eager": "pytorch eager", "vs none": "runtime none"}, unit="ms/image"))
     click.echo(f"wrote {grid_path} (grid, {s.policy}: one row per prompt) and {cmp_path} (per prompt: full | "
                f"{s.policy} | 4×|difference|) in {time.perf_counter() - t_start:.0f} s")
+
+
+def _row_label(prompt: str) -> str:
+    """A comparison row's label: the digit of a digit prompt, else the prompt itself (shortened)."""
+    words = prompt.split()
+    if words and words[-1].isdigit() and "digit" in prompt:
+        return words[-1]
+    return prompt if len(prompt) <= 12 else prompt[:11] + "…"
 
 
 if __name__ == "__main__":

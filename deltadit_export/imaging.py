@@ -60,16 +60,25 @@ def grid_image(images: np.ndarray, cols: int, scale: int = IMAGE_SCALE, pad: int
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 greyscale PNG (through a temporary file renamed into place)."""
+    import io
+
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode="L").save(path)
-    return path
+    from .publish import write_file
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="L").save(buf, format="PNG")
+    return write_file(path, buf.getvalue())
 
 
-def comparison_image(full: torch.Tensor, delta: torch.Tensor, prompts: int, per_prompt: int, shown: int) -> np.ndarray:
-    """Per prompt row: ``shown`` triples (full | Δ-DiT | 4×|difference|, inverted so white = equal)."""
+def comparison_image(full: torch.Tensor, delta: torch.Tensor, prompts: int, per_prompt: int, shown: int,
+                     row_labels: list[str] | None = None,
+                     names: tuple[str, str, str] | None = ("full", "delta-dit", "difference")) -> np.ndarray:
+    """Per prompt row: ``shown`` triples (full | Δ-DiT | 4×|difference|, inverted so white = equal), with the
+    triple's names above the columns (ASCII: PIL's default font has no Δ) and ``row_labels`` (e.g. the digit)
+    left of the rows; ``names=None`` and no
+    ``row_labels``: the bare grid."""
     a, b = to_uint8(full), to_uint8(delta)
     diff = 255 - np.clip(4 * np.abs(a.astype(np.int16) - b.astype(np.int16)), 0, 255).astype(np.uint8)
     tiles = []
@@ -77,4 +86,47 @@ def comparison_image(full: torch.Tensor, delta: torch.Tensor, prompts: int, per_
         for s in range(shown):
             k = p * per_prompt + s
             tiles += [a[k], b[k], diff[k]]
-    return grid_image(np.stack(tiles), cols=3 * shown, gap_every=3)
+    grid = grid_image(np.stack(tiles), cols=3 * shown, gap_every=3)
+    if names is None and not row_labels:
+        return grid
+    h, w = a.shape[1:]
+    return label_grid(grid, tile=(h * IMAGE_SCALE, w * IMAGE_SCALE), cols=3 * shown, gap_every=3,
+                      col_labels=list(names or ("", "", "")) * shown, row_labels=row_labels)
+
+
+def label_grid(grid: np.ndarray, tile: tuple[int, int], cols: int, col_labels: list[str],
+               row_labels: list[str] | None = None, pad: int = 2, gap_every: int = 0, gap: int = 6) -> np.ndarray:
+    """A :func:`grid_image` with a label above each column and left of each row (PIL's default font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    H, W = tile
+    rows = (grid.shape[0] - pad) // (H + pad)
+    row_labels = list(row_labels or [])
+    top = 14 if any(col_labels) else 0
+    left = (max(_text_width(font, t) for t in row_labels) + 8) if row_labels else 0
+    canvas = Image.new("L", (grid.shape[1] + left, grid.shape[0] + top), 255)
+    canvas.paste(Image.fromarray(grid, mode="L"), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(col_labels[:cols]):
+        x = left + pad + c * (W + pad) + ((c // gap_every) * gap if gap_every else 0)
+        text = _drawable(font, text)
+        draw.text((x + (W - _text_width(font, text)) / 2, 1), text, fill=0, font=font)
+    for r, text in enumerate(row_labels[:rows]):
+        y = top + pad + r * (H + pad) + H / 2 - 6
+        draw.text((3, y), _drawable(font, text), fill=0, font=font)
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def _drawable(font, text: str) -> str:
+    """``text``, or its ASCII approximation where the font cannot encode it (PIL's bitmap fallback font)."""
+    try:
+        font.getmask(text)
+        return text
+    except UnicodeError:
+        return text.encode("ascii", "replace").decode()
+
+
+def _text_width(font, text: str) -> float:
+    left, _, right, _ = font.getbbox(_drawable(font, text))
+    return right - left

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import click
 import torch
 
+from .console import log
 from .models import DEFAULT_GUIDANCE
 
 
@@ -37,6 +38,21 @@ def stale_extras(manifest) -> list[str]:
             if not copy.is_file() or copy.read_bytes() != f.read_bytes():
                 out.append(f"{sub}/{f.name}")
     return out
+
+
+def default_guidance(manifest) -> float:
+    """The model's default guidance scale as the manifest records it (what ``runtime.generate`` uses). Exports
+    made before the manifest recorded it get the registry's value (``models.model_guidance``, the same source
+    the exporter records), with a warning to re-export."""
+    if "guidance_scale" in manifest.conditioning:
+        return manifest.default_guidance
+    from .models import model_guidance
+
+    value = model_guidance(manifest.model.get("name", ""))
+    log.warning("%s predates the recorded guidance default (conditioning.guidance_scale): using %s's %g; "
+                "re-export (deltadit-export ... --force) so that runtime.generate uses it too",
+                manifest.root, manifest.model.get("name"), value)
+    return value
 
 
 def load_text_encoder(manifest, warn: Callable[[str], None] | None = None):
@@ -100,16 +116,23 @@ def initial_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor
 
 
 def runtime_generate(runtime, policy, embeds: torch.Tensor, mask: torch.Tensor, negative: tuple[torch.Tensor, torch.Tensor],
-                     noise: torch.Tensor, *, guidance_scale: float = DEFAULT_GUIDANCE, num_steps: int | None = None,
-                     chunk: int | None = None) -> torch.Tensor:
-    """Final samples of the runtime for one conditioning row per noise row, in chunks the engines accept."""
+                     noise: torch.Tensor, *, guidance_scale: float | None = None, num_steps: int | None = None,
+                     chunk: int | None = None, desc: str | None = None) -> torch.Tensor:
+    """Final samples of the runtime for one conditioning row per noise row, in chunks the engines accept.
+    ``guidance_scale`` None: the model's default (the manifest's); ``desc``: show a progress bar over the chunks."""
     from runtime.sampling import generate
+
+    from .console import bar
+
+    if guidance_scale is None:
+        guidance_scale = runtime.manifest.default_guidance
 
     per_row = 2 if guidance_scale > 1.0 else 1
     chunk = chunk or max(1, runtime.manifest.max_batch // per_row)
     neg_e, neg_m = negative
     out = []
-    for i in range(0, len(noise), chunk):
+    starts = range(0, len(noise), chunk)
+    for i in bar(starts, desc=desc, unit="batch") if desc else starts:
         n = len(noise[i:i + chunk])
         res = generate(runtime, prompt_embeds=embeds[i:i + n], prompt_mask=mask[i:i + n],
                        negative_embeds=neg_e.expand(n, -1, -1), negative_mask=neg_m.expand(n, -1),
@@ -157,21 +180,26 @@ def _call(model, x, t, states, mask):
 def torch_generate(model, scheduler_config: dict, embeds: torch.Tensor, mask: torch.Tensor,
                    negative: tuple[torch.Tensor, torch.Tensor], noise: torch.Tensor, *,
                    guidance_scale: float = DEFAULT_GUIDANCE, num_steps: int = 20, chunk: int | None = None,
-                   forward: Callable | None = None) -> torch.Tensor:
+                   forward: Callable | None = None, desc: str | None = None) -> torch.Tensor:
     """The same sampling loop as ``runtime.sampling.generate``, on the diffusers model in PyTorch eager.
 
     Same scheduler config, same noise scaling, [uncond; cond] batch order, guidance and timesteps as
     float32 (what the engines take). diffusers cache hooks on ``model`` get a fresh state per chunk and
     one cache context per call (``"cond_uncond"``: both halves run as one batch). ``forward(x, t, states,
-    mask)`` replaces the model call (calibration's Δ-DiT stepper uses it).
+    mask)`` replaces the model call (calibration's Δ-DiT stepper uses it); ``desc``: a progress bar over the
+    chunks. ``guidance_scale`` defaults to PixArt-α's (this loop does not know the model: callers pass the
+    manifest's ``default_guidance``).
     """
+    from .console import bar
+
     chunk = chunk or len(noise)
     neg_e, neg_m = negative
     guided = guidance_scale > 1.0
     channels = noise.shape[1]
     hooked = forward is None and has_cache_hooks(model)
     out = []
-    for i in range(0, len(noise), chunk):
+    starts = range(0, len(noise), chunk)
+    for i in bar(starts, desc=desc, unit="batch") if desc else starts:
         n = len(noise[i:i + chunk])
         sched = make_scheduler(scheduler_config)
         sched.set_timesteps(num_steps)

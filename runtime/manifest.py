@@ -27,6 +27,8 @@ BATCH = "batch"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 SEGMENT_ROLES = {"embed": "embed", "front": "blocks", "middle": "blocks", "rear": "blocks", "head": "head"}
 FIX_REEXPORT = "re-export with `deltadit-export ... --force`"
+# Guidance default for exports older than `conditioning.guidance_scale` (PixArt-α's pipeline default).
+FALLBACK_GUIDANCE = 4.5
 
 
 class ManifestError(ValueError):
@@ -107,6 +109,12 @@ class Manifest:
                 "folder: copy the file in instead of linking it, or re-export"
             )
         return path
+
+    @property
+    def default_guidance(self) -> float:
+        """The model's default classifier-free guidance scale, recorded by the exporter
+        (``conditioning.guidance_scale``); 4.5 for exports made before the field existed."""
+        return float(self.conditioning.get("guidance_scale", FALLBACK_GUIDANCE))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -301,6 +309,10 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
                             f"{FIX_REEXPORT}")
     if kind == "class":
         _positive(conditioning, "num_classes", 1, "conditioning.")
+    guidance = conditioning.get("guidance_scale", FALLBACK_GUIDANCE)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance < 1e3:
+        raise ManifestError(f"manifest field `conditioning.guidance_scale` = {guidance!r}: expected a positive "
+                            f"number; {FIX_REEXPORT}")
     raw_segments = _require(d, "segments", list, "")
     segments = tuple(_segment(s, i) for i, s in enumerate(raw_segments))
     names = [s.name for s in segments]

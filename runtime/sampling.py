@@ -46,7 +46,7 @@ def generate(
     negative_embeds: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
-    guidance_scale: float = 4.5,
+    guidance_scale: float | None = None,
     num_steps: int | None = None,
     policy: str | Schedule = "delta-dit",
     scheduler=None,
@@ -59,9 +59,12 @@ def generate(
 
     PixArt: ``prompt_embeds`` [B, S, C] (and ``prompt_mask`` [B, S]); the unconditional half is
     ``negative_embeds`` (zeros when not given, i.e. an empty caption). DiT: ``class_labels`` [B];
-    the unconditional half uses the null class. ``guidance_scale <= 1`` turns guidance off.
+    the unconditional half uses the null class. ``guidance_scale <= 1`` turns guidance off; ``None`` is the
+    model's default, recorded in the manifest (``conditioning.guidance_scale``).
     """
     m = runtime.manifest
+    if guidance_scale is None:
+        guidance_scale = m.default_guidance
     kind = m.conditioning["kind"]
     if kind == "caption":
         if prompt_embeds is None:
