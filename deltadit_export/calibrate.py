@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -42,6 +41,8 @@ import torch
 from runtime.schedule import Cuts, DeltaDiTPolicy, NoCachePolicy, Schedule, StepPlan
 
 from .models import DEFAULT_GUIDANCE, model_guidance
+from .console import bar
+from .timing import Elapsed, Stopwatch
 
 DEFAULT_PSNR_BUDGET = 30.0
 DEFAULT_PROMPTS = 4
@@ -294,6 +295,8 @@ class CalibrationResult:
     seed: int
     seconds: float
     pruned: int = 0  # grid settings left out: their bound is below the best passing setting's
+    load_before: float | None = None  # 1-minute load average before and after the sweep
+    load_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -309,12 +312,14 @@ class CalibrationResult:
             "sweep": [s.to_dict() for s in self.sweep],
             "pruned": self.pruned,
             "seconds": round(self.seconds, 1),
+            "loadavg_before": self.load_before,
+            "loadavg_after": self.load_after,
         }
 
     def summary(self, top: int = 5) -> str:
         passing = sorted((s for s in self.sweep if s.psnr_min >= self.psnr_budget), key=_rank)
         lines = [f"calibration: {len(self.sweep)} settings (N, N_c, b) measured at T={self.num_steps}, guidance "
-                 f"{self.guidance}, in {self.seconds:.0f} s ({self.pruned} more left out: slower than the choice); "
+                 f"{self.guidance}, in {Elapsed(self.seconds, self.load_before, self.load_after).describe()} ({self.pruned} more left out: slower than the choice); "
                  f"budget: worst per-sample PSNR ≥ {self.psnr_budget:g} dB vs full compute; {len(passing)} pass"]
         lines.append(f"  {'N':>2} {'N_c':>4} {'b':>3} {'block-runs':>10} {'bound':>6} {'PSNR min':>9} {'mean':>6}")
         for s in passing[:top]:
@@ -353,7 +358,7 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
               cached_blocks: Iterable[int] | None = None, boundaries: Iterable[int] | None = None,
               pixel_space: bool = True, seed: int = 0, log: Callable[[str], None] | None = None) -> CalibrationResult:
     """Sweep the grid and choose; raises :class:`CalibrationError` when no setting meets the budget."""
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     stepper = BlockStepper(model)
     L = stepper.num_layers
     ncs = sorted(set(cached_blocks)) if cached_blocks is not None else list(range(1, L))
@@ -369,10 +374,13 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
     best: Setting | None = None
     # N_c from high to low: the bound grows with N_c (and N), so once a setting passes, every (N, N_c) whose
     # bound is below the best passing one can be left out without changing the choice.
+    progress = bar(total=len(ncs) * len(ns) * len(bs), desc="calibration", unit="setting")
     for k, n_c in enumerate(sorted(ncs, reverse=True)):
         grid = [(n, b) for n in ns for b in bs
                 if best is None or _bound(num_steps, L, n_c, n) >= best.bound - 1e-12]
         pruned += len(ns) * len(bs) - len(grid)
+        progress.set_postfix_str(f"N_c={n_c}", refresh=True)
+        progress.update(len(ns) * len(bs) - len(grid))  # pruned settings count as done
         if not grid:
             continue
         schedules = [DeltaDiTPolicy(interval=n, boundary=b).plan(num_steps, Cuts(L, n_c)) for n, b in grid]
@@ -382,11 +390,15 @@ def calibrate(model, inputs: CalibrationInputs, scheduler_config: dict, *, num_s
             sweep.append(setting)
             if setting.psnr_min >= psnr_budget and (best is None or _rank(setting) < _rank(best)):
                 best = setting
+        progress.update(len(grid))
         if log is not None:
-            log(f"calibration: N_c={n_c}: {len(grid)} settings ({k + 1}/{len(ncs)}, {time.perf_counter() - t0:.0f} s)")
+            log(f"calibration: N_c={n_c}: {len(grid)} settings ({k + 1}/{len(ncs)}, {watch.seconds:.0f} s)")
+    progress.close()
     passing = [s for s in sweep if s.psnr_min >= psnr_budget]
+    took = watch.stop()
     result = CalibrationResult(psnr_budget, num_steps, L, min(passing, key=_rank) if passing else None, sweep,
-                               inputs.description, inputs.guidance, seed, time.perf_counter() - t0, pruned)
+                               inputs.description, inputs.guidance, seed, took.seconds, pruned, took.load_before,
+                               took.load_after)
     if result.chosen is None:
         best = max(sweep, key=lambda s: (s.psnr_min, s.bound))
         raise CalibrationError(

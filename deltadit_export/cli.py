@@ -1,16 +1,18 @@
-"""``deltadit-export``: cut a diffusers DiT into subgraph engines and write their manifest."""
+"""``deltadit-export`` (``deltadit export``): cut a diffusers DiT into subgraph engines and write their manifest."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
 
 from runtime.backends import BackendError
 from runtime.manifest import ManifestError
-from runtime.schedule import ScheduleError, build_schedule
+from runtime.schedule import POLICY_NAMES, ScheduleError, build_schedule, default_cached_blocks
 
-from .models import DEFAULT_MODEL, REGISTRY, ModelError, parse_overrides
+from .console import CONTEXT_SETTINGS, quiet, verbosity_options, version_option
+from .models import DEFAULT_MODEL, DEFAULT_SCHEDULE, REGISTRY, ModelError, parse_overrides
 from .progress import Progress
 
 # Errors that carry a complete message for the user (what is wrong, where, the fix): shown without a traceback.
@@ -24,11 +26,30 @@ def user_errors() -> tuple[type[Exception], ...]:
     return USER_ERRORS + (OptionError, ExportError)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _registry_help() -> tuple[str, str]:
+    """Help texts true for every registry model: their resolutions and their default N_c of L blocks."""
+    from .exporter import ExportOptions, schedule_layers
+
+    resolutions = "; ".join(f"{n} {'|'.join(map(str, REGISTRY[n].resolutions))}" for n in sorted(REGISTRY))
+    by_layers: dict[int, list[str]] = {}
+    for name in sorted(REGISTRY):
+        try:
+            by_layers.setdefault(schedule_layers(ExportOptions(model=name)), []).append(name)
+        except (ModelError, OSError):  # a damaged shipped config must not break --help
+            continue
+    cached = ", ".join(f"{default_cached_blocks(L)} of {L} for {' and '.join(names)}"
+                       for L, names in sorted(by_layers.items()))
+    return resolutions, cached
+
+
+RESOLUTIONS_HELP, CACHED_HELP = _registry_help()
+
+
+@click.command(name="export", context_settings=CONTEXT_SETTINGS)
 @click.option("--model", "model", default=DEFAULT_MODEL, show_default=True,
               help=f"Registry name: {', '.join(sorted(REGISTRY))}.")
 @click.option("--resolution", type=int, default=None,
-              help="Image resolution in pixels (default: the model's; pixart-alpha 512|1024, dit-xl-2 256|512).")
+              help=f"Image resolution in pixels (default: the model's first; published: {RESOLUTIONS_HELP}).")
 @click.option("--weights", type=click.Path(file_okay=False), default=None,
               help="Local diffusers folder (pipeline root or its transformer/). Default: the local HF cache.")
 @click.option("--random-weights", is_flag=True, help="Build the architecture with seeded random weights.")
@@ -36,7 +57,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a diffusers config field (with --random-weights), e.g. --set num_layers=12.")
 @click.option("--cached-blocks", type=int, default=None,
-              help="N_c, blocks skipped on cached steps; 1 ≤ N_c < L (default round(0.75·L): 21 of 28).")
+              help=f"N_c, blocks skipped on cached steps; 1 ≤ N_c < L (default round(0.75·L): {CACHED_HELP}).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="fp16 keeps LayerNorms in fp32; int8 quantizes the MatMul weights of the segments not in "
                    "--keep-fp32 (ONNX Runtime dynamic quantization).")
@@ -52,16 +73,20 @@ def user_errors() -> tuple[type[Exception], ...]:
               help="torch ONNX exporter (chosen explicitly: torch's default changed in 2.9).")
 @click.option("--max-batch", type=int, default=4, show_default=True,
               help="Images per call; engines accept up to 2× for classifier-free guidance.")
-@click.option("--steps", "num_steps", type=int, default=None, help="Default schedule: steps T (20).")
-@click.option("--interval", type=int, default=None, help="Default schedule: cache interval N (2).")
-@click.option("--boundary", type=int, default=None, help="Default schedule: boundary step b (12).")
+@click.option("--steps", "num_steps", type=int, default=None,
+              help=f"Default schedule: steps T ({DEFAULT_SCHEDULE['num_steps']}).")
+@click.option("--interval", type=int, default=None,
+              help=f"Default schedule: cache interval N ({DEFAULT_SCHEDULE['interval']}).")
+@click.option("--boundary", type=int, default=None,
+              help=f"Default schedule: boundary step b ({DEFAULT_SCHEDULE['boundary']} of "
+                   f"{DEFAULT_SCHEDULE['num_steps']}; scaled as b/T with --steps).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["onnx", "tensorrt", "torch"]),
               help="Artifacts to build besides ONNX: tensorrt (needs the [tensorrt] extra), torch (torch.export).")
 @click.option("--force", is_flag=True, help="Rebuild even if an identical export exists.")
-@click.option("--print-schedule", is_flag=True, help="Print the Δ-DiT plan for these options and exit.")
-@click.option("--policy", default="delta-dit", show_default=True,
-              help="With --print-schedule: none, delta-dit, delta-front, delta-rear, output-cache.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output (the summary is still printed).")
+@click.option("--print-schedule", is_flag=True,
+              help="Print the per-step plan for these options and exit (needs only L: no weights are loaded).")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default="delta-dit", show_default=True,
+              help="With --print-schedule: the cache policy to plan.")
 @click.option("--calibrate", is_flag=True,
               help="Sweep (N, N_c, b) in PyTorch first and export the fastest setting within --psnr-budget "
                    "(values given with --interval/--cached-blocks/--boundary are kept).")
@@ -69,11 +94,15 @@ def user_errors() -> tuple[type[Exception], ...]:
               help="With --calibrate: worst per-sample PSNR vs full compute, dB.")
 @click.option("--calibrate-prompts", type=int, default=4, show_default=True,
               help="With --calibrate: samples (prompts) the sweep measures.")
+@verbosity_options
+@version_option
 def main(model, resolution, weights, random_weights, seed, overrides, cached_blocks, precision, keep_fp32,
-         int8_tolerance, out, opset, exporter, max_batch, num_steps, interval, boundary, backends, force, print_schedule, policy, quiet,
+         int8_tolerance, out, opset, exporter, max_batch, num_steps, interval, boundary, backends, force,
+         print_schedule, policy,
          calibrate, psnr_budget, calibrate_prompts):
-    """Export a PixArt-α or DiT-XL/2 transformer as embed/front/middle/rear/head engines with a manifest."""
-    from .exporter import ExportOptions, export, resolve
+    """Export a PixArt-α, DiT-XL/2 or the shipped pixart-digits transformer as embed/front/middle/rear/head
+    engines with a manifest."""
+    from .exporter import ExportOptions, export, get_spec, resolve_schedule, schedule_layers
 
     try:
         options = ExportOptions(
@@ -84,10 +113,9 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
             keep_fp32=keep_fp32, int8_tolerance=int8_tolerance,
         )
         if print_schedule:
-            job = resolve(options)
-            s = job.schedule
-            schedule = build_schedule(policy, num_steps=s["num_steps"], num_layers=job.cuts.num_layers,
-                                      cached_blocks=job.cuts.cached_blocks, interval=s["interval"],
+            cuts, s = resolve_schedule(get_spec(model), options, schedule_layers(options))
+            schedule = build_schedule(policy, num_steps=s["num_steps"], num_layers=cuts.num_layers,
+                                      cached_blocks=cuts.cached_blocks, interval=s["interval"],
                                       boundary=s["boundary"])
             click.echo(schedule.format())
             return
@@ -95,11 +123,12 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
         if calibrate:
             from .calibrate import calibrate_export_options
 
-            progress = Progress(stream=sys.stderr, quiet=quiet)
+            progress = Progress(stream=sys.stderr, quiet=quiet())
             progress.note("calibrating the cache schedule in PyTorch (sweep of N, N_c, b)")
             options, calibration = calibrate_export_options(options, psnr_budget=psnr_budget,
-                                                            num_prompts=calibrate_prompts, log=progress.note)
-        result = export(options, Progress(stream=sys.stderr, quiet=quiet))
+                                                            num_prompts=calibrate_prompts,
+                                                            log=logging.getLogger("deltadit").debug)
+        result = export(options, Progress(stream=sys.stderr, quiet=quiet()))
     except user_errors() as exc:
         if getattr(exc, "table", None):  # the int8 gate: each segment's precision and error, then the Error line
             click.echo(exc.table, err=True)

@@ -32,7 +32,6 @@ from runtime.manifest import (
     verify_segment_files,
     write_manifest,
 )
-from runtime.guidance import null_class
 from runtime.integrity import verify_companion_files
 from runtime.schedule import MAX_STEPS, Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
@@ -48,6 +47,7 @@ from .models import (
     check_resolution,
     get_spec,
     locate_weights,
+    model_guidance,
     random_config,
     read_transformer_config,
     weights_fingerprint,
@@ -223,7 +223,43 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         check_resolution(spec, resolution, options.weights is not None)
         source = locate_weights(spec, resolution, options.weights)
         config = {k: v for k, v in read_transformer_config(Path(source.path)).items() if not k.startswith("_")}
-    num_layers = config.get("num_layers", 28)
+    cuts, sched = resolve_schedule(spec, options, config.get("num_layers", 28))
+    n_c = cuts.cached_blocks
+    out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
+    # The key is built from resolved values, so `--resolution 512` and the default 512 share one export.
+    fields = options.cache_fields()
+    fields.update(resolution=resolution, cached_blocks=n_c, num_steps=sched["num_steps"],
+                  interval=sched["interval"], boundary=sched["boundary"], backends=sorted(set(options.backends)))
+    key_material = {
+        "options": fields,
+        "weights": weights_fingerprint(source, config),
+        "extras": _extras_fingerprint(_extras_root(spec, source)),
+        "guidance_scale": model_guidance(spec.name),  # recorded in the manifest
+        "deltadit": __version__,
+        "format_version": FORMAT_VERSION,
+        "torch": _torch_version(),
+        "diffusers": _package_version("diffusers"),
+    }
+    try:
+        keep_fp32, int8_tolerance = resolve_int8_options(options.precision, options.keep_fp32, options.int8_tolerance,
+                                                         cuts, options.backends)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    if options.precision == "int8":
+        # The quantized files depend on the quantizer's version; the resolved lists make the default and the
+        # same list spelled out share one export.
+        fields.update(keep_fp32=list(keep_fp32), int8_tolerance=int8_tolerance)
+        key_material["quantizer"] = "onnxruntime " + _package_version("onnxruntime")
+    else:  # fp32/fp16 keys stay what they were before int8 existed
+        fields.pop("keep_fp32")
+        fields.pop("int8_tolerance")
+    cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
+    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key, keep_fp32,
+                          int8_tolerance)
+
+
+def resolve_schedule(spec, options: ExportOptions, num_layers: Any) -> tuple[Cuts, dict[str, Any]]:
+    """The cut points and the default schedule for ``num_layers`` blocks and these options, checked."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
         raise OptionError(f"num_layers={num_layers!r} in the model config: expected an integer ≥ 2 (the cache "
                           "needs at least one cached and one uncached block)")
@@ -249,36 +285,29 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     except ScheduleError as exc:
         raise OptionError(str(exc)) from None
     sched = {"policy": "delta-dit", "cached_blocks": n_c, **sched}
-    out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
-    # The key is built from resolved values, so `--resolution 512` and the default 512 share one export.
-    fields = options.cache_fields()
-    fields.update(resolution=resolution, cached_blocks=n_c, num_steps=sched["num_steps"],
-                  interval=sched["interval"], boundary=sched["boundary"], backends=sorted(set(options.backends)))
-    key_material = {
-        "options": fields,
-        "weights": weights_fingerprint(source, config),
-        "extras": _extras_fingerprint(_extras_root(spec, source)),
-        "deltadit": __version__,
-        "format_version": FORMAT_VERSION,
-        "torch": _torch_version(),
-        "diffusers": _package_version("diffusers"),
-    }
-    try:
-        keep_fp32, int8_tolerance = resolve_int8_options(options.precision, options.keep_fp32, options.int8_tolerance,
-                                                         cuts, options.backends)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
-    if options.precision == "int8":
-        # The quantized files depend on the quantizer's version; the resolved lists make the default and the
-        # same list spelled out share one export.
-        fields.update(keep_fp32=list(keep_fp32), int8_tolerance=int8_tolerance)
-        key_material["quantizer"] = "onnxruntime " + _package_version("onnxruntime")
-    else:  # fp32/fp16 keys stay what they were before int8 existed
-        fields.pop("keep_fp32")
-        fields.pop("int8_tolerance")
-    cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
-    return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key, keep_fp32,
-                          int8_tolerance)
+    return cuts, sched
+
+
+def schedule_layers(options: ExportOptions) -> int:
+    """L for ``--print-schedule`` without locating or loading any weights (well under a second): ``--set
+    num_layers``, else the ``--weights`` folder's config.json, else the shipped model's config, else the
+    published architecture in the registry (28 for pixart-alpha and dit-xl-2)."""
+    spec = get_spec(options.model)
+    if options.overrides and not options.random_weights:
+        raise OptionError("--set changes the architecture, so it needs --random-weights")
+    if options.random_weights and "num_layers" in options.overrides:
+        return options.overrides["num_layers"]  # checked by resolve_schedule (the other keys are not needed here)
+    folder = Path(options.weights) if options.weights else None
+    if folder is None and spec.bundled:  # its config also shapes --random-weights
+        from .models import PACKAGE_WEIGHTS
+
+        folder = PACKAGE_WEIGHTS / spec.bundled
+    if folder is not None:
+        if not folder.is_dir():
+            raise ModelError(f"--weights {folder} does not exist: pass a local diffusers folder")
+        sub = folder / "transformer"
+        return read_transformer_config(sub if (sub / "config.json").is_file() else folder).get("num_layers", 28)
+    return (spec.random_config or {}).get("num_layers", 28)
 
 
 def _package_version(name: str) -> str:
@@ -482,7 +511,10 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         if job.spec.bundled:
             conditioning["text_encoder"] = "text_encoder"
     else:
+        from runtime.guidance import null_class  # here: runtime.guidance imports torch (--print-schedule must not)
+
         conditioning = {"kind": "class", "num_classes": shape.num_classes, "null_class": null_class(shape.num_classes)}
+    conditioning["guidance_scale"] = model_guidance(job.spec.name)  # the model's default (runtime.generate's)
     _copy_bundled_extras(job, tmp)
     # The runtime reads these configs (sampler, text encoder): hashed like the segments, verified at load.
     companions = {f.relative_to(tmp).as_posix(): file_sha256(f) for sub in COMPANION_DIRS

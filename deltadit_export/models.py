@@ -37,6 +37,7 @@ class ModelSpec:
     bundled: str | None = None  # folder under deltadit_export/weights shipped with the package
     default_schedule: dict[str, int] = field(default_factory=dict)  # num_steps, interval, boundary
     caption_tokens: int = 120  # caption length the engines take (T5 max_sequence_length for PixArt-α)
+    guidance_scale: float = 4.5  # classifier-free guidance default (its diffusers pipeline's); see model_guidance
 
     def sample_size(self, resolution: int) -> int:
         return resolution // self.vae_scale_factor
@@ -70,7 +71,8 @@ DIT_ARCH = dict(
 )
 # 20-step DPM-Solver defaults of DESIGN.md §2 (N=2, b=12); N_c is derived from L.
 DEFAULT_SCHEDULE = {"num_steps": 20, "interval": 2, "boundary": 12}
-# Classifier-free guidance of PixArt-α; a shipped model's own scale (its model card's) takes precedence.
+# Classifier-free guidance of PixArt-α (PixArtAlphaPipeline's default): models.model_guidance gives each model's
+# own (DiTPipeline's 4.0 for DiT, the model card's for a shipped model); the exporter records it in the manifest.
 DEFAULT_GUIDANCE = 4.5
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -105,6 +107,7 @@ REGISTRY: dict[str, ModelSpec] = {
         random_config=DIT_ARCH,
         default_schedule=DEFAULT_SCHEDULE,
         caption_tokens=0,
+        guidance_scale=4.0,  # DiTPipeline's default
     ),
 }
 DEFAULT_MODEL = "pixart-digits"
@@ -124,8 +127,10 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def model_guidance(model_name: str) -> float:
-    """The guidance scale a shipped model was evaluated with (``training_summary.json`` → evaluation →
-    guidance_scale, the scale of its model card), else ``DEFAULT_GUIDANCE``."""
+    """The one default classifier-free guidance scale of a model: for a shipped model the scale it was
+    evaluated with (``training_summary.json`` → evaluation → guidance_scale, its model card's), else the
+    registry's (its diffusers pipeline's default), else ``DEFAULT_GUIDANCE``. The exporter records it in the
+    manifest (``conditioning.guidance_scale``), where the runtime and every tool read it."""
     spec = REGISTRY.get(model_name)
     if spec is not None and spec.bundled:
         path = PACKAGE_WEIGHTS / spec.bundled / "training_summary.json"
@@ -133,7 +138,25 @@ def model_guidance(model_name: str) -> float:
             return float(json.loads(path.read_text())["evaluation"]["guidance_scale"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    return DEFAULT_GUIDANCE
+    return spec.guidance_scale if spec is not None else DEFAULT_GUIDANCE
+
+
+def check_prompt(model_name: str, prompt: str) -> None:
+    """Refuse a prompt the shipped model cannot know. ``pixart-digits`` learned the captions "a handwritten
+    digit 0".."9" (and "" for guidance); its hashed-word encoder maps any other word to a vector the model has
+    never seen, so "digit 11" would silently draw noise. Other models take what their encoder takes."""
+    if model_name != "pixart-digits":
+        return
+    from runtime.text_encoder import tokenize
+
+    from .digits import prompt_for_digit
+
+    known = {w for d in range(10) for w in tokenize(prompt_for_digit(d))}
+    unknown = [w for w in tokenize(prompt) if w not in known]
+    if unknown:
+        raise ModelError(f"prompt {prompt!r}: pixart-digits was trained on the captions {prompt_for_digit(0)!r} .. "
+                         f"{prompt_for_digit(9)!r} only and cannot know {', '.join(map(repr, unknown))} (its words: "
+                         f"{', '.join(sorted(known))}); pass e.g. --prompt {prompt_for_digit(7)!r}")
 
 
 # Architecture fields that must be positive integers when given with --set.

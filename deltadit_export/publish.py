@@ -145,3 +145,20 @@ def publish(tmp: Path, out: Path) -> None:
         raise
     _fsync_dir(out.parent)
     shutil.rmtree(parked, ignore_errors=True)
+
+
+def write_file(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write one file (a report, a PNG) through a temporary sibling renamed into place: a reader never sees a
+    half-written file, and an interrupted write leaves the previous file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -4,27 +4,22 @@ Light and embeddable: it reads ``manifest.json`` and never imports diffusers to 
 (only :func:`generate` imports a diffusers *scheduler*, when called).
 """
 
-from .executor import DeltaDiTRuntime, InputError, NonFiniteError
-from .generation import Generation, GenerationError
-from .manifest import Manifest, ManifestError, load_manifest
-from .schedule import POLICY_NAMES, Schedule, ScheduleError, build_schedule
+import importlib
 
-__all__ = [
-    "DeltaDiTRuntime", "Generation", "GenerationError", "InputError", "Manifest", "ManifestError",
-    "NonFiniteError", "POLICY_NAMES", "Schedule", "ScheduleError", "build_schedule", "load_manifest",
-    "generate", "install", "DeltaDiTTransformer", "DropInError",
-]
+# Everything is imported on first use: ``runtime.manifest`` and ``runtime.schedule`` (pure data, no torch)
+# stay instant for tools that only read a manifest or print a schedule, and a service that only steps
+# engines never pays for the sampling loop or the drop-in.
+_EXPORTS = {
+    "DeltaDiTRuntime": "executor", "InputError": "executor", "NonFiniteError": "executor",
+    "Generation": "generation", "GenerationError": "generation",
+    "Manifest": "manifest", "ManifestError": "manifest", "load_manifest": "manifest",
+    "POLICY_NAMES": "schedule", "Schedule": "schedule", "ScheduleError": "schedule", "build_schedule": "schedule",
+    "generate": "sampling", "install": "dropin", "DeltaDiTTransformer": "dropin", "DropInError": "dropin",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # The sampling loop and the drop-in are imported on first use: a service that only steps engines
-    # never pays for them.
-    if name == "generate":
-        from .sampling import generate
-
-        return generate
-    if name in ("install", "DeltaDiTTransformer", "DropInError"):
-        from . import dropin
-
-        return getattr(dropin, name)
-    raise AttributeError(name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

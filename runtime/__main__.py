@@ -1,30 +1,37 @@
-"""``deltadit-runtime`` (or ``python -m runtime``): inspect an export without loading any engine.
+"""``deltadit-runtime`` (``deltadit runtime``, ``python -m runtime``): inspect an export without loading any engine.
 
     deltadit-runtime info engines/pixart-digits-16-fp32          # model, segments, I/O, files verified
     deltadit-runtime schedule engines/pixart-digits-16-fp32 --policy delta-dit --steps 20
+
+Needs only the manifest (no torch, no diffusers): both commands answer at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+import click
 
 from .integrity import verify_companion_files
 from .manifest import ManifestError, load_manifest, verify_segment_files
 from .schedule import POLICY_NAMES, ScheduleError, build_schedule, scaled_boundary
 
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+FOLDER = click.Path(exists=True, file_okay=False)
 
-def _info(args) -> str:
-    m = load_manifest(args.folder)
-    if not args.no_verify:
+
+def describe(folder: str, verify: bool = True) -> str:
+    m = load_manifest(folder)
+    if verify:
         verify_segment_files(m)
         verify_companion_files(m)
     lines = [
         f"{m.model['name']} ({m.model['diffusers_class']}, {m.model.get('params', 0):,} params), "
         f"resolution {m.resolution}, sample {list(m.sample_shape)}, {m.precision}, batch 1..{m.max_batch}",
         f"L={m.num_layers} N_c={m.cached_blocks} cuts a={m.cuts['a']} c={m.cuts['c']}; default schedule "
-        f"T={m.schedule['num_steps']} N={m.schedule['interval']} b={m.schedule['boundary']}",
-        f"files {'verified (sha256)' if not args.no_verify else 'not verified'}",
+        f"T={m.schedule['num_steps']} N={m.schedule['interval']} b={m.schedule['boundary']}; default guidance "
+        f"{m.default_guidance:g}",
+        f"files {'verified (sha256)' if verify else 'not verified'}",
     ]
     for s in m.segments:
         blocks = f"blocks {s.blocks[0]}..{s.blocks[1] - 1}" if s.blocks else s.role
@@ -36,37 +43,73 @@ def _info(args) -> str:
     return "\n".join(lines)
 
 
-def _schedule(args) -> str:
-    m = load_manifest(args.folder)
+def plan(folder: str, policy: str, steps: int | None, interval: int | None, boundary: int | None) -> str:
+    m = load_manifest(folder)
     d = m.schedule
-    steps = args.steps if args.steps is not None else d["num_steps"]
-    boundary = args.boundary
+    steps = steps if steps is not None else d["num_steps"]
     if boundary is None:
         boundary = scaled_boundary(d["boundary"], d["num_steps"], steps)
-    return build_schedule(args.policy, num_steps=steps, num_layers=m.num_layers, cached_blocks=m.cached_blocks,
-                          interval=args.interval if args.interval is not None else d["interval"],
-                          boundary=boundary).format()
+    return build_schedule(policy, num_steps=steps, num_layers=m.num_layers, cached_blocks=m.cached_blocks,
+                          interval=interval if interval is not None else d["interval"], boundary=boundary).format()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deltadit-runtime", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="describe an export folder and verify its files")
-    info.add_argument("folder")
-    info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the segment files")
-    sched = sub.add_parser("schedule", help="print the per-step plan for an export")
-    sched.add_argument("folder")
-    sched.add_argument("--policy", default="delta-dit", choices=POLICY_NAMES)
-    sched.add_argument("--steps", type=int, default=None)
-    sched.add_argument("--interval", type=int, default=None)
-    sched.add_argument("--boundary", type=int, default=None)
-    args = parser.parse_args(argv)
+def _show_version(ctx, param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        print(_info(args) if args.command == "info" else _schedule(args))
+        v = version("deltadit")
+    except PackageNotFoundError:
+        v = "unknown (not installed)"
+    click.echo(f"{ctx.find_root().info_name} {v}")
+    ctx.exit()
+
+
+def version_option(f):
+    """``--version`` (click's own keeps the first program name it printed for every later call in a process)."""
+    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+                        help="Show the version and exit.")(f)
+
+
+@click.group(name="runtime", context_settings=CONTEXT_SETTINGS)
+@version_option
+def cli():
+    """Inspect an export folder: its manifest and files, or the per-step plan of a cache policy."""
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=FOLDER)
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the segment files.")
+@version_option
+def info(folder, no_verify):
+    """Describe an export folder and verify its files."""
+    try:
+        click.echo(describe(folder, verify=not no_verify))
     except (ManifestError, ScheduleError) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=FOLDER)
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default="delta-dit", show_default=True,
+              help="Cache policy to plan.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps T (default: the manifest's).")
+@click.option("--interval", type=click.IntRange(min=1), default=None,
+              help="Cache interval N (default: the manifest's).")
+@click.option("--boundary", type=click.IntRange(min=0), default=None,
+              help="Boundary step b (default: the manifest's, scaled as b/T with --steps).")
+@version_option
+def schedule(folder, policy, steps, interval, boundary):
+    """Print the per-step plan of a policy for an export."""
+    try:
+        click.echo(plan(folder, policy, steps, interval, boundary))
+    except (ManifestError, ScheduleError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def main(argv: list[str] | None = None):
+    return cli.main(args=argv, prog_name="deltadit-runtime")
 
 
 if __name__ == "__main__":

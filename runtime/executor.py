@@ -61,6 +61,7 @@ class DeltaDiTRuntime:
         if verify:
             verify_segment_files(self.manifest)
             verify_companion_files(self.manifest)
+        self.trust_artifacts = trust_artifacts  # what the user opted into (runtimes opened alongside reuse it)
         self.backend = (make_backend(backend, manifest=self.manifest, trust_artifacts=trust_artifacts,
                                      **backend_options) if isinstance(backend, str) else backend)
         if getattr(self.backend, "reads_onnx", True):  # every graph, before the first engine is created

@@ -34,6 +34,8 @@ SEGMENT_ROLES = {"embed": "embed", "front": "blocks", "middle": "blocks", "rear"
 # segment in the export's precision, which for those manifests is fp32 or fp16.
 SEGMENT_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "fp32")}
 FIX_REEXPORT = "re-export with `deltadit-export ... --force`"
+# Guidance default for exports older than `conditioning.guidance_scale` (PixArt-α's pipeline default).
+FALLBACK_GUIDANCE = 4.5
 
 # Limits on what a manifest may ask for: a folder from elsewhere is untrusted input, and shapes, batch and step
 # counts decide how much memory and time the runtime spends. Every limit is far above any real export.
@@ -137,6 +139,12 @@ class Manifest:
                 "folder: copy the file in instead of linking it, or re-export"
             )
         return path
+
+    @property
+    def default_guidance(self) -> float:
+        """The model's default classifier-free guidance scale, recorded by the exporter
+        (``conditioning.guidance_scale``); 4.5 for exports made before the field existed."""
+        return float(self.conditioning.get("guidance_scale", FALLBACK_GUIDANCE))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -389,6 +397,10 @@ def manifest_from_dict(d: Any, root: Path | None = None) -> Manifest:
         if null != classes:  # DiT's label table has num_classes + 1 rows; the last is "no class"
             raise ManifestError(f"manifest field `conditioning.null_class` = {null}, but a model with {classes} classes "
                                 f"has its unconditional class at {classes}; {FIX_REEXPORT}")
+    guidance = conditioning.get("guidance_scale", FALLBACK_GUIDANCE)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance < 1e3:
+        raise ManifestError(f"manifest field `conditioning.guidance_scale` = {guidance!r}: expected a positive "
+                            f"number; {FIX_REEXPORT}")
     raw_segments = _require(d, "segments", list, "")
     segments = _segment_precisions(tuple(_segment(s, i) for i, s in enumerate(raw_segments)), precision)
     names = [s.name for s in segments]

@@ -65,7 +65,7 @@ def generate(
     negative_embeds: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
-    guidance_scale: float = 4.5,
+    guidance_scale: float | None = None,
     num_steps: int | None = None,
     policy: str | Schedule = "delta-dit",
     scheduler=None,
@@ -85,9 +85,12 @@ def generate(
     required: the text encoder's embedding of the negative prompt (of ``""`` for none, which is what the
     pipelines encode), with its ``negative_mask`` (all tokens kept when omitted). Zeros are not the
     encoder's ``""`` embedding, so nothing is made up for a missing negative. DiT: ``class_labels`` [B];
-    the unconditional half uses the null class of the manifest. ``guidance_scale <= 1`` turns guidance off.
+    the unconditional half uses the null class of the manifest. ``guidance_scale <= 1`` turns guidance off;
+    ``None`` is the model's default, recorded in the manifest (``conditioning.guidance_scale``).
     """
     m = runtime.manifest
+    if guidance_scale is None:
+        guidance_scale = m.default_guidance
     kind = m.conditioning["kind"]
     if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) \
             or not math.isfinite(guidance_scale):

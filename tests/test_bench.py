@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltadit_export import bench
+from deltadit_export import bench, bench_baseline
 from runtime.manifest import load_manifest
 
 FP32_TOL = 1e-4
@@ -49,9 +49,9 @@ def test_report_keys_and_schedule_numbers(bench_report, pixart_export):
                 "speedup_delta_vs_eager", "full_vs_eager_rel_err", "peak_rss_mb", "delta_vs_reference_rel_err",
                 "segments", "threads", "versions", "machine"):
         assert key in report, key
-    assert set(report["peak_rss_mb"]) == {"eager", "none", "delta-dit"}
+    assert set(report["peak_rss_mb"]) == {"eager", "torch-compile", "none", "delta-dit"}
     assert all(v > 0 for v in report["peak_rss_mb"].values())
-    for key in ("eager_ms", "full_ms", "delta_ms"):
+    for key in ("eager_ms", "compile_ms", "full_ms", "delta_ms"):
         assert report[key] > 0
     assert report["speedup_full_vs_eager"] == pytest.approx(report["eager_ms"] / report["full_ms"])
     assert report["speedup_delta_vs_full"] == pytest.approx(report["full_ms"] / report["delta_ms"])
@@ -62,7 +62,7 @@ def test_report_keys_and_schedule_numbers(bench_report, pixart_export):
     runs, bound = hand_bound(L, Nc)
     assert (runs, bound) == (16, 1.5)
     assert report["bound"] == pytest.approx(bound, abs=1e-12)
-    assert report["block_runs"] == {"eager": T * L, "none": T * L, "delta-dit": runs}
+    assert report["block_runs"] == {"eager": T * L, "torch-compile": T * L, "none": T * L, "delta-dit": runs}
     assert report["modes"]["eager"]["reference"]["block_runs"] == runs
     assert report["modes"]["eager"]["reference"]["kinds"] == ["full", "cache-rear", "full", "cache-front"]
     # Two delta buffers (front and rear range), batch 2 rows of tokens × width fp32; none keeps no deltas.
@@ -83,19 +83,21 @@ def test_accuracy(bench_report):
     assert report["delta_vs_reference_rel_err"] <= FP32_TOL
     # The cache really changes the result: far outside the tolerance from full compute.
     assert report["delta_vs_eager_rel_err"] > 10 * FP32_TOL
+    # torch.compile computes the same transformer: only float error (Inductor fuses and reorders sums).
+    assert report["compile_vs_eager_rel_err"] <= FP32_TOL
 
 
 @pytest.fixture(scope="module")
 def tiny_model(pixart_export):
     m = load_manifest(pixart_export)
-    return bench.rebuild_model(m), m, bench.make_inputs(m, pixart_export, 0, bench.DEFAULT_PROMPT)
+    return bench_baseline.rebuild_model(m), m, bench_baseline.make_inputs(m, pixart_export, 0, bench_baseline.DEFAULT_PROMPT)
 
 
 def test_reference_all_full_is_the_eager_loop_bit_for_bit(tiny_model, pixart_export):
     model, m, inputs = tiny_model
     with torch.inference_mode():
-        eager = bench.eager_generate(model, m, inputs, T, 4.5, bench.make_scheduler(pixart_export))
-        ref, runs, kinds = bench.reference_delta_dit(model, m, inputs, T, 1, B, 4.5, bench.make_scheduler(pixart_export))
+        eager = bench_baseline.eager_generate(model, m, inputs, T, 4.5, bench_baseline.make_scheduler(pixart_export))
+        ref, runs, kinds = bench_baseline.reference_delta_dit(model, m, inputs, T, 1, B, 4.5, bench_baseline.make_scheduler(pixart_export))
     assert kinds == ["full"] * T and runs == T * m.num_layers
     assert torch.equal(ref, eager)  # the wrappers call the same blocks on the same tensors
     assert isinstance(model.transformer_blocks[0], type(model.transformer_blocks[1]))  # blocks restored
@@ -114,7 +116,7 @@ def test_reference_delta_math_on_one_cached_step(tiny_model, pixart_export):
         seen.append(out)
 
     feeds0 = {"sample": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
-              "timestep": torch.full((2,), 900.0), **bench.guided_conditioning(m, inputs, torch.float32)}
+              "timestep": torch.full((2,), 900.0), **bench_baseline.guided_conditioning(m, inputs, torch.float32)}
     feeds1 = dict(feeds0, sample=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)),
                   timestep=torch.full((2,), 700.0))
 
@@ -136,10 +138,10 @@ def test_reference_delta_math_on_one_cached_step(tiny_model, pixart_export):
         expected_hidden_L = h_cached[L - Nc - 1] + delta_rear
 
         # The reference's wrapped model on the same two calls.
-        state = bench._DeltaState(L, Nc)
+        state = bench_baseline._DeltaState(L, Nc)
         original = model.transformer_blocks
         model.transformer_blocks = torch.nn.ModuleList(
-            bench._make_delta_block(blk, k, state) for k, blk in enumerate(original))
+            bench_baseline._make_delta_block(blk, k, state) for k, blk in enumerate(original))
         try:
             state.kind = "full"
             diffusers_forward(model, feeds0)

@@ -165,7 +165,7 @@ def test_cli_end_to_end_random(tmp_path):
     assert (m.num_layers, m.cached_blocks, m.cuts) == (4, 1, {"a": 1, "c": 3})
     assert m.model["source"] == {"kind": "random", "seed": 0,
                                  "overrides": {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 8}}
-    assert m.conditioning == {"kind": "class", "num_classes": 1000, "null_class": 1000}
+    assert m.conditioning == {"kind": "class", "num_classes": 1000, "null_class": 1000, "guidance_scale": 4.0}
     # Nothing half-written is left next to it.
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
 

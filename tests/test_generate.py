@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltadit_export.generate import comparison_image, grid_image, initial_noise, to_uint8
+from deltadit_export.imaging import comparison_image, grid_image, to_uint8
+from deltadit_export.sampling import initial_noise
 from deltadit_export.models import PACKAGE_WEIGHTS
 
 SHIPPED = PACKAGE_WEIGHTS / "pixart-digits"
@@ -31,7 +32,8 @@ def test_grid_geometry():
     g = grid_image(imgs, cols=3, scale=2, pad=2)
     assert g.shape == (2 + 2 * (32 + 2), 2 + 3 * (32 + 2))
     assert (g == 255).sum() == g.size - 6 * 32 * 32  # images black, padding white
-    cmp = comparison_image(torch.zeros(4, 1, 16, 16), torch.zeros(4, 1, 16, 16), prompts=2, per_prompt=2, shown=2)
+    cmp = comparison_image(torch.zeros(4, 1, 16, 16), torch.zeros(4, 1, 16, 16), prompts=2, per_prompt=2, shown=2,
+                           names=None)
     # 2 rows of 2 triples (full | delta | diff); a 6-pixel gap after each triple but the last
     assert cmp.shape == (2 + 2 * (64 + 2), 2 + 6 * (64 + 2) + 6)
 
@@ -95,8 +97,22 @@ def test_generate_exports_generates_and_times(readme_run):
     assert grid.size == (2 + 2 * (64 + 2), 2 + 10 * (64 + 2))  # 10 prompts × 2 samples, 4× upscaled
     assert (folder / "compare.png").is_file()
     for needle in ("latency per image", "pytorch eager", "runtime none", "runtime delta-dit", "bound 1.60×",
+                   "OMP_WAIT_POLICY=PASSIVE", "load average (1 min)", "guidance 3,",
                    f"wrote {Path('engines') / 'pixart-digits-16-fp32' / 'grid.png'}"):
         assert needle in res.output, (needle, res.output)
+
+
+@needs_weights
+@pytest.mark.slow
+def test_generate_refuses_a_prompt_the_model_cannot_know(readme_run):
+    from deltadit_export.generate import main
+
+    root, res = readme_run
+    assert res.exit_code == 0, res.output
+    out = CliRunner().invoke(main, ["--engines", str(root / "engines" / "pixart-digits-16-fp32"),
+                                    "--prompt", "digit 11", "--no-timing"])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "Error: prompt 'digit 11': pixart-digits was trained on" in out.output and "'11'" in out.output
 
 
 @needs_weights
@@ -121,8 +137,8 @@ def test_delta_dit_samples_are_the_prompted_digits(readme_run):
     from runtime import DeltaDiTRuntime
 
     from deltadit_export.digits import prompt_for_digit
-    from deltadit_export.evaluate import reference_classifier
-    from deltadit_export.generate import encode_prompts, load_text_encoder, runtime_generate
+    from deltadit_export.eval_metrics import reference_classifier
+    from deltadit_export.sampling import encode_prompts, load_text_encoder, runtime_generate
 
     root, res = readme_run
     assert res.exit_code == 0, res.output

@@ -119,7 +119,7 @@ def test_generate_equals_pixart_pipeline(g, pixart_export, pixart_model, one_tor
 def test_bench_eager_and_reference_equal_pipelines(dit_export, pixart_export, dit_model, pixart_model,
                                                    one_torch_thread):
     """deltadit-bench's eager baseline (and with it the Δ-DiT reference, which runs the same loop) at g=4."""
-    from deltadit_export.bench import eager_generate, reference_delta_dit
+    from deltadit_export.bench_baseline import eager_generate, reference_delta_dit
     from runtime.manifest import load_manifest
 
     g = 4.0
@@ -164,7 +164,7 @@ def test_calibration_sampler_equals_pipelines(dit_model, pixart_model, one_torch
 
 def test_generate_cli_torch_sampler_equals_pixart_pipeline(pixart_model, one_torch_thread):
     """deltadit-generate / deltadit-eval's PyTorch sampler (torch_generate) at g=4."""
-    from deltadit_export.generate import torch_generate
+    from deltadit_export.sampling import torch_generate
 
     embeds, mask, neg, neg_mask, noise = pixart_conditioning()
     ours = torch_generate(pixart_model, dict(dpm().config), embeds, mask.float(), (neg[:1], neg_mask[:1]), noise,

@@ -10,21 +10,16 @@ import pytest
 import torch
 from tiny import rebuild_model, tiny_pixart
 
-from deltadit_export.evaluate import (
+from deltadit_export.eval_hooks import FIXED_HOOK_PARAMS, HOOK_ROWS, LinearWork, apply_hook
+from deltadit_export.eval_metrics import (
     CLASSIFIER_MIN_ACCURACY,
-    HOOK_ROWS,
-    FIXED_HOOK_PARAMS,
-    LinearWork,
-    apply_hook,
-    compare_rows,
     frechet_distance,
     frechet_distance_from_stats,
-    max_abs,
-    psnr,
     reference_classifier,
-    verdicts,
 )
-from deltadit_export.generate import runtime_generate, torch_generate
+from deltadit_export.eval_report import compare_rows, verdicts
+from deltadit_export.imaging import max_abs, psnr
+from deltadit_export.sampling import runtime_generate, torch_generate
 
 
 # Tiny models: a second thread buys nothing there, and on a shared machine it costs a lot.
@@ -85,7 +80,7 @@ def test_paired_bootstrap_of_fd():
     """Every set is resampled with the same indices (rows share their seeds, so they are compared paired):
     an identical copy gives identical FDs in every resample, and resample k of any set is exactly the FD of
     that set's samples at the k-th index draw of PCG64(seed)."""
-    from deltadit_export.evaluate import bootstrap_fd, feature_stats
+    from deltadit_export.eval_metrics import bootstrap_fd, feature_stats
 
     x = correlated_features(300)
     v = np.full(x.shape[1], 0.5)
@@ -181,7 +176,7 @@ def test_pytorch_loop_matches_the_runtime_full_compute(pixart_export):
     sampling loop: same scheduler, guidance order, timesteps; differences are only ONNX Runtime's float error."""
     from runtime import DeltaDiTRuntime
 
-    from deltadit_export.generate import scheduler_config_of
+    from deltadit_export.sampling import scheduler_config_of
 
     rt = DeltaDiTRuntime(pixart_export)
     model = rebuild_model(pixart_export)

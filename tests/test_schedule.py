@@ -150,14 +150,17 @@ def test_printable():
     assert s.to_dict()["bound"] == 1.6
 
 
-def test_runtime_cli_prints_the_plan_of_an_export(pixart_export, capsys):
-    from runtime.__main__ import main
+def test_runtime_cli_prints_the_plan_of_an_export(pixart_export):
+    from click.testing import CliRunner
 
-    assert main(["schedule", str(pixart_export), "--steps", "6"]) == 0
-    out = capsys.readouterr().out
+    from runtime.__main__ import cli
+
+    r = CliRunner().invoke(cli, ["schedule", str(pixart_export), "--steps", "6"])
+    assert r.exit_code == 0, r.output
     # Tiny export: L=6, N_c=4; the manifest's b=12 of 20 steps scales to 4 of 6.
-    assert "T=6 N=2 N_c=4 b=4 L=6" in out and "   5  cache-front" in out
-    assert main(["info", str(pixart_export)]) == 0
-    assert "files verified (sha256)" in capsys.readouterr().out
-    assert main(["schedule", str(pixart_export), "--boundary", "9", "--steps", "6"]) == 1
-    assert "boundary=9 is out of range" in capsys.readouterr().err
+    assert "T=6 N=2 N_c=4 b=4 L=6" in r.stdout and "   5  cache-front" in r.stdout
+    r = CliRunner().invoke(cli, ["info", str(pixart_export)])
+    assert r.exit_code == 0 and "files verified (sha256)" in r.stdout
+    r = CliRunner().invoke(cli, ["schedule", str(pixart_export), "--boundary", "9", "--steps", "6"])
+    assert r.exit_code == 1 and "Error: " in r.stderr and "boundary=9 is out of range" in r.stderr
+    assert "Traceback" not in r.output

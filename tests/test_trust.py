@@ -326,7 +326,9 @@ def test_changed_companion_file_refused(digits_export, tmp_path):
         default_scheduler(SimpleNamespace(root=folder))  # bench's and generate's path, without a runtime
     from runtime.__main__ import main as runtime_main
 
-    assert runtime_main(["info", str(folder)]) == 1  # deltadit-runtime info verifies them too
+    with pytest.raises(SystemExit) as exit_info:  # deltadit-runtime info verifies them too
+        runtime_main(["info", str(folder)])
+    assert exit_info.value.code == 1
     rt = DeltaDiTRuntime(folder, verify=False)  # the user said they changed it on purpose
     assert default_scheduler(rt).config.solver_order == 3
 
@@ -412,7 +414,9 @@ def test_clis_refuse_huge_step_counts_fast(pixart_export, digits_export, no_plan
     from deltadit_export.generate import main as generate_main
     from runtime.__main__ import main as runtime_main
 
-    assert runtime_main(["schedule", str(pixart_export), "--steps", "100000000"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        runtime_main(["schedule", str(pixart_export), "--steps", "100000000"])
+    assert exit_info.value.code == 1
     assert "Error: num_steps=100000000 is out of range: expected 1 ≤ num_steps ≤ 10000" in capsys.readouterr().err
     runs = [
         (export_cli, ["--model", "pixart-alpha", "--random-weights", "--resolution", "64", *set_args(TINY_PIXART_SET),

@@ -9,9 +9,10 @@ threads at once (two generations in flight): backends that own preallocated buff
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # annotations only: BackendError must import without torch (CLIs that only read a manifest)
+    import torch
 
 from ..manifest import Manifest, SegmentSpec
 
