@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .integrity import verify_companion_files
-from .manifest import ManifestError, load_manifest, verify_segment_files
+from .integrity import verify_companion_files, verify_segment_files
+from .manifest import ManifestError, load_manifest
 from .schedule import POLICY_NAMES, ScheduleError, build_schedule, scaled_boundary
 
 
