@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runtime.manifest import BATCH, TensorSpec, file_sha256
+from runtime.integrity import file_sha256
+from runtime.manifest import BATCH, TensorSpec
 
 from .onnx_export import TOLERANCES, ExportError
 

@@ -27,12 +27,10 @@ from runtime.manifest import (
     Manifest,
     ManifestError,
     SegmentSpec,
-    file_sha256,
     load_manifest,
-    verify_segment_files,
     write_manifest,
 )
-from runtime.integrity import verify_companion_files
+from runtime.integrity import file_sha256, verify_companion_files, verify_segment_files
 from runtime.schedule import MAX_STEPS, Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
 from . import __version__

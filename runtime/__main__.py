@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from .integrity import verify_companion_files
-from .manifest import ManifestError, load_manifest, verify_segment_files
+from .integrity import verify_companion_files, verify_segment_files
+from .manifest import ManifestError, load_manifest
 from .schedule import POLICY_NAMES, ScheduleError, build_schedule, scaled_boundary
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -16,9 +16,9 @@ import torch
 
 from .backends import Backend, BackendError, make_backend
 from .generation import Generation, GenerationError
-from .integrity import check_companion_paths, check_onnx_external_data, verify_companion_files
-from .manifest import (Manifest, ManifestError, TensorSpec, check_segment_paths, load_manifest,
-                       verify_segment_files)
+from .integrity import (check_companion_paths, check_onnx_external_data, check_segment_paths, verify_companion_files,
+                        verify_segment_files)
+from .manifest import Manifest, ManifestError, TensorSpec, load_manifest
 from .schedule import Cuts, Schedule, StepPlan, build_schedule, scaled_boundary
 
 NAN_POLICIES = ("error", "fallback", "off")

@@ -1,11 +1,13 @@
 """What an engine folder may make the runtime read, checked before any engine is created.
 
 A folder from elsewhere is untrusted input. The manifest names every file the runtime reads and hashes it:
-the segment graphs and their external-data weights (runtime/manifest.py), the backend artifacts
-(``engines``), and the *companion files*: the sampler and text-encoder configs in ``scheduler/`` and
-``text_encoder/``, which change what a generation computes. This module checks the two things the
-manifest's own validation cannot see:
+the segment graphs and their external-data weights, the backend artifacts (``engines``), and the *companion
+files*: the sampler and text-encoder configs in ``scheduler/`` and ``text_encoder/``, which change what a
+generation computes. The manifest's own validation (runtime/manifest.py) sees only names; this module checks
+the files on disk:
 
+- segment files: each one the manifest names resolves inside the folder, exists and has its recorded
+  sha256 (``check_segment_paths``, ``verify_segment_files``; ``file_sha256`` is the one hash function);
 - companion files: each listed one is inside the folder and has its recorded sha256, and no file in
   those folders is unlisted (an export from before they were hashed, or a file added after export);
 - ONNX external data: every ``location`` of every tensor of every graph (initializers, sparse
@@ -22,12 +24,52 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from .backends.base import BackendError
-from .manifest import (COMPANION_DIRS, FIX_REEXPORT, MAX_COMPANION_FILES, Manifest, ManifestError, SegmentSpec,
-                       file_sha256)
+from .manifest_schema import (COMPANION_DIRS, FIX_REEXPORT, MAX_COMPANION_FILES, Manifest, ManifestError,
+                              SegmentSpec)
 
 MAX_COMPANION_BYTES = 16 * 2**20  # the shipped configs are under 2 KB
 FIX_VERIFY = ("or load it anyway with DeltaDiTRuntime(..., verify=False) (CLI: --no-verify) if you changed it on "
               "purpose")
+
+
+# ---------------------------------------------------------------- segment files
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file, read in chunks (segment weights are up to gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_segment_paths(manifest: Manifest) -> None:
+    """Every file the manifest names resolves inside its folder (cheap; runs even with ``verify=False``)."""
+    for seg in manifest.segments:
+        for file in (seg.file, *seg.extra_files):
+            manifest.path_of(file)
+
+
+def verify_segment_files(manifest: Manifest, names: tuple[str, ...] | None = None) -> None:
+    """Check every segment file exists and matches its recorded sha256. Raises ManifestError naming the file."""
+    for seg in manifest.segments:
+        if names is not None and seg.name not in names:
+            continue
+        files = [(seg.file, seg.sha256)] + [(f, seg.extra_sha256.get(f)) for f in seg.extra_files]
+        for file, recorded in files:
+            path = manifest.path_of(file)
+            if not path.is_file():
+                raise ManifestError(f"segment {seg.name!r}: file {path} is missing; {FIX_REEXPORT}")
+            try:
+                digest = file_sha256(path)
+            except OSError as exc:
+                raise ManifestError(f"segment {seg.name!r}: cannot read {path} ({exc.strerror or exc}); check its "
+                                    "permissions") from None
+            if digest != recorded:
+                raise ManifestError(
+                    f"segment {seg.name!r}: {path} was changed or damaged after export ({path.stat().st_size} "
+                    f"bytes, sha256 {digest[:12]}… ≠ recorded {recorded[:12]}…); {FIX_REEXPORT}, {FIX_VERIFY}")
 
 
 # ---------------------------------------------------------------- companion files
@@ -195,3 +237,4 @@ def check_onnx_external_data(manifest: Manifest, segments: tuple[SegmentSpec, ..
                     f"segment {seg.name!r}: {path} keeps the data of tensor {tensor!r} in {location!r}, which {why}: "
                     "ONNX Runtime would read that file as weights, so the graph is refused before any engine is "
                     f"created; {FIX_REEXPORT}")
+

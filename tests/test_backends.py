@@ -25,7 +25,8 @@ from deltadit_export import backends as B
 from deltadit_export.split import diffusers_forward, model_shape, random_model_inputs, run_segments, split_model
 from runtime import DeltaDiTRuntime
 from runtime.backends import AUTO_ORDER, BACKENDS, BackendError, make_backend
-from runtime.manifest import TensorSpec, file_sha256, load_manifest
+from runtime.integrity import file_sha256
+from runtime.manifest import TensorSpec, load_manifest
 from runtime.schedule import Cuts
 
 HAS_CUDA = torch.cuda.is_available()

@@ -12,7 +12,8 @@ from tiny import TINY_PIXART_SET, TINY_RESOLUTION, rebuild_model, set_args, tiny
 from deltadit_export.cli import main as export_cli
 from deltadit_export.split import diffusers_forward, model_shape, random_model_inputs, run_segments, split_model
 from runtime import DeltaDiTRuntime
-from runtime.manifest import load_manifest, manifest_from_dict, verify_segment_files, write_manifest
+from runtime.integrity import verify_segment_files
+from runtime.manifest import load_manifest, manifest_from_dict, write_manifest
 from runtime.schedule import Cuts, ScheduleError
 
 # ---------------------------------------------------------------- exact split

@@ -28,7 +28,8 @@ from deltadit_export.progress import Progress
 from deltadit_export.quantize import INT8_TOLERANCE
 from deltadit_export.split import diffusers_forward, model_shape, random_model_inputs, run_segments, split_model
 from runtime import DeltaDiTRuntime, generate
-from runtime.manifest import ManifestError, load_manifest, manifest_from_dict, verify_segment_files
+from runtime.integrity import verify_segment_files
+from runtime.manifest import ManifestError, load_manifest, manifest_from_dict
 from runtime.schedule import POLICY_NAMES, Cuts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

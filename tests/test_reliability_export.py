@@ -33,7 +33,8 @@ from deltadit_export.exporter import ExportOptions, OptionError, export, resolve
 from deltadit_export.models import ModelError
 from deltadit_export.onnx_export import ExportError
 from deltadit_export.progress import Progress
-from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest, verify_segment_files
+from runtime.integrity import verify_segment_files
+from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from tiny import TINY_PIXART_SET, TINY_RESOLUTION, set_args, tiny_dit, tiny_pixart
 
 QUIET = Progress(quiet=True)

@@ -17,7 +17,8 @@ import torch
 from runtime import DeltaDiTRuntime, GenerationError, InputError, ManifestError, NonFiniteError, generate
 from runtime.backends import BackendError
 from runtime.dropin import DeltaDiTTransformer
-from runtime.manifest import MANIFEST_NAME, file_sha256, load_manifest, verify_segment_files
+from runtime.integrity import file_sha256, verify_segment_files
+from runtime.manifest import MANIFEST_NAME, load_manifest
 
 # ------------------------------------------------------------------------------------------------ helpers
 

@@ -23,7 +23,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..manifest import Manifest, ManifestError, file_sha256
+from ..integrity import file_sha256
+from ..manifest import Manifest, ManifestError
 from .base import BackendError
 
 
