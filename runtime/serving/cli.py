@@ -143,9 +143,10 @@ def triton(repository, host, http_port, grpc_port, metrics_port, model_config_na
 def ray(engines, replicas, threads, host, port, address, batching, batch_wait_ms, **kw):
     """Serve the engine folder ENGINES with Ray Serve until Ctrl-C / SIGTERM."""
     from ..manifest import load_manifest
+
+    _run(lambda: load_manifest(engines))  # a wrong folder fails here, before Ray is imported or started
     from .ray_app import RayOptions, serve_until_stopped
 
-    _run(lambda: load_manifest(engines))  # a wrong folder fails here, before Ray starts
     options = RayOptions(replicas=replicas, threads=threads, batching=batching, batch_wait_ms=batch_wait_ms,
                          limits=_limits(kw))
     serve_until_stopped(engines, options, host=host, port=port, address=address,

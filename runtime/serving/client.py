@@ -75,6 +75,14 @@ class _Http:
             self._conn.close()
             self._conn = None
 
+    # An open kept-alive connection holds up a server's graceful shutdown (Triton waits for its HTTP
+    # connections to close): use clients in a with block, or close() them.
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _text_tensor(name: str, text: str) -> dict:
     data = list(text.encode("utf-8"))

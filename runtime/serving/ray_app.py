@@ -194,9 +194,10 @@ def serve_until_stopped(engines: str, options: RayOptions, *, host: str, port: i
     """``deltadit serve ray``: deploy, announce the URL, block until SIGINT/SIGTERM, then shut down gracefully
     (Serve lets in-flight requests finish within graceful_shutdown_timeout_s)."""
     stop = threading.Event()
+    connect(address, num_cpus=None if address else max(os.cpu_count() or 1, options.replicas * options.replica_threads()))
+    # After ray.init: Ray's core worker installs its own SIGTERM handler (it aborts the process); ours replaces it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    connect(address, num_cpus=None if address else max(os.cpu_count() or 1, options.replicas * options.replica_threads()))
     try:
         deploy(engines, options, host=host, port=port)
         announce(f"ready: http://{host}:{port}/ ({options.replicas} replica(s), {options.replica_threads()} thread(s) "

@@ -19,7 +19,6 @@ with numpy 1 and 2 alike.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ import numpy as np
 
 from .schema import (ImageRequest, Limits, RequestError, check_class_label, check_embeds, check_guidance,
                      check_policy, check_prompt, check_seed, check_steps)
-
-log = logging.getLogger("deltadit.serving")
 
 # name, Triton data type, dims after the batch dimension, ragged (length may differ per request)
 COMMON_INPUTS = (("seed", "TYPE_INT64", (1,), False), ("steps", "TYPE_INT32", (1,), False),
@@ -197,8 +194,17 @@ class TritonPythonModel:
                                                   threads=threads, device=device, **limits)
         self.limits = self.executor.limits
         self.executor.warmup()
-        log.info("deltadit instance %s ready: %s, %s threads", args.get("model_instance_name"),
-                 self.executor.runtime.manifest.model.get("name"), threads or "all")
+        self.name = args.get("model_instance_name")
+        self._say(f"deltadit instance {self.name} ready: {self.executor.runtime.manifest.model.get('name')} from "
+                  f"{self.executor.runtime.root}, {threads or 'all'} thread(s)")
+
+    def _say(self, message: str) -> None:
+        """Into Triton's own log (pb_utils.Logger, Triton ≥ 23.04), else the stub's stdout (also in that log)."""
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None:
+            logger.log_info(message)
+        else:
+            print(message, flush=True)
 
     def execute(self, requests: list) -> list:
         pb = self.pb
@@ -235,5 +241,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        log.info("deltadit instance shutting down")
+        self._say(f"deltadit instance {self.name} shutting down")
         self.executor = None
