@@ -194,4 +194,43 @@ def test_bench_command_end_to_end(digits_export, tmp_path):
     assert [(r["engine"], r["instances"], r["batching"], r["errors"]) for r in data["results"]] == [
         ("triton", 1, True, 0), ("triton", 1, False, 0)]
     assert [(r["engine"], r["instances"]) for r in data["ratios"]] == [("triton", 1)]
-    assert "batched" in run.stdout and "one-at-a-time" in run.stdout
+    assert "triton × 1 batched:" in run.stdout and "without batching" in run.stdout
+
+
+def test_serve_triton_command_with_a_named_config(digits_export, tmp_path, alone):
+    """`serve triton REPO --model-config-name cpu` (configs/cpu.pbtxt) serves until SIGTERM, then exits 0."""
+    require_triton()
+    import signal
+    import time
+    import urllib.request
+
+    write_repository(digits_export, tmp_path / "repo", RepoOptions(threads=1, device="gpu"))  # config.pbtxt: GPU
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "runtime.serving", "triton", str(tmp_path / "repo"),
+                                "--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port",
+                                str(free_port()), "--model-config-name", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        with TritonClient(f"http://127.0.0.1:{port}") as client:
+            assert client.describe()["instances"] == 1
+            reply = client.generate_png(prompt=PROMPT.format(8), seed=8, guidance=GUIDANCE)
+        assert reply.ok and reply.body == alone[8][1]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+        assert "stopping" in process.stdout.read()
+    finally:
+        if process.poll() is None:  # a failed check above: stop it the graceful way (it stops its tritonserver)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

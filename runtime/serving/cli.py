@@ -52,7 +52,7 @@ def _limit_options(f):
         click.option("--max-prompt-chars", type=click.IntRange(1, 10**6), default=None,
                      help="Longest prompt in characters (default 2000)."),
         click.option("--default-guidance", type=click.FloatRange(0, 1000), default=None,
-                     help="Guidance of requests that name none (default: the manifest's, else 4.5)."),
+                     help="Guidance of requests that name none (default 4.5)."),
     ]):
         f = opt(f)
     return f
@@ -137,7 +137,7 @@ def triton(repository, host, http_port, grpc_port, metrics_port, model_config_na
 @click.option("--address", default=None, help="A Ray cluster to join (e.g. auto, ray://head:10001); default: a "
                                               "private local Ray.")
 @click.option("--batching/--no-batching", default=True, show_default=True, help="@serve.batch.")
-@click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=5.0, show_default=True,
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0, show_default=True,
               help="How long @serve.batch may hold a request to fill a batch.")
 @_limit_options
 def ray(engines, replicas, threads, host, port, address, batching, batch_wait_ms, **kw):

@@ -21,7 +21,7 @@ from ..schedule import POLICY_NAMES
 
 OUTPUTS = ("png", "base64", "latents")
 MAX_SEED = 2**63 - 1  # Triton carries seeds as INT64
-DEFAULT_GUIDANCE = 4.5  # runtime.generate's default, for exports that record none
+DEFAULT_GUIDANCE = 4.5  # runtime.generate's default, unless the server is told otherwise
 DEFAULT_MAX_STEPS = 100
 DEFAULT_MAX_GUIDANCE = 20.0
 DEFAULT_MAX_PROMPT_CHARS = 2000
@@ -63,9 +63,8 @@ class Limits:
         else:
             kind, embeds_shape = "class_label", None
             classes, null = int(cond.get("num_classes", 1000)), int(cond.get("null_class", 1000))
-        guidance = manifest.model.get("default_guidance", DEFAULT_GUIDANCE)
         limits = cls(conditioning=kind, rows=int(manifest.max_batch),
-                     default_steps=int(manifest.schedule["num_steps"]), default_guidance=float(guidance),
+                     default_steps=int(manifest.schedule["num_steps"]),
                      embeds_shape=embeds_shape, num_classes=classes, null_class=null,
                      pixel_space=int(manifest.sample_shape[0]) in (1, 3))
         return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
