@@ -149,3 +149,25 @@ def test_triton_outputs_pad_pngs_and_give_their_sizes(digits_limits):
     for row, size, r in zip(out["image"], sizes, results):
         assert row[:size].tobytes() == r.png() and not row[size:].any()
     assert set(result_tensors(results, {"latents"}, digits_limits)) == {"latents"}  # only what was asked for
+
+
+def test_triton_config_follows_the_conditioning(pixart_export, dit_export, digits_export):
+    from runtime.serving.triton_repo import RepoOptions, config_text
+
+    for folder, text_encoder, present, absent in [
+        (pixart_export, False, ['name: "prompt_embeds"', "dims: [ 120, 24 ]", 'name: "prompt_mask"', 'name: "latents"',
+                                "dims: [ 4, 8, 8 ]"], ['name: "prompt"\n', 'name: "image"', "max_batch_size: 1\n"]),
+        (dit_export, False, ['name: "class_label"', "data_type: TYPE_INT64", 'name: "latents"'],
+         ['name: "image"', "prompt"]),
+        (digits_export, True, ['name: "prompt"', 'name: "image"', 'name: "image_size"', "dims: [ 1, 16, 16 ]"],
+         ["prompt_embeds", "TYPE_STRING"]),
+    ]:
+        manifest = load_manifest(folder)
+        limits = Limits.from_manifest(manifest, text_encoder=text_encoder)
+        text = config_text(manifest, limits, RepoOptions(batching=False, threads=3), "cpu", "engines")
+        assert "dynamic_batching" not in text and 'string_value: "3"' in text
+        assert f"max_batch_size: {manifest.max_batch // 2}" in text
+        for needle in present:
+            assert needle in text, (folder.name, needle)
+        for needle in absent:
+            assert needle not in text, (folder.name, needle)

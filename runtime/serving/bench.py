@@ -72,12 +72,12 @@ def _ray_runs(engines, configs, load, say) -> list[LoadResult]:
 def run_bench(engines: str | os.PathLike, *, servers=("triton", "ray"), instances=(1, 2), batching=(True, False),
               requests: int = 200, concurrency: int = 16, duration: float = 300.0, warmup: int = 8,
               steps: int | None = None, guidance: float | None = None, workdir: str | os.PathLike | None = None,
-              say=print) -> list[LoadResult]:
+              say=print, progress: bool = False) -> list[LoadResult]:
     configs = [(n, b) for n in instances for b in batching]
 
     def load(make_client, tag):
         return run_load(make_client, requests=requests, concurrency=concurrency, duration=duration, warmup=warmup,
-                        steps=steps, guidance=guidance, label=tag)
+                        steps=steps, guidance=guidance, label=tag, progress=progress)
 
     results: list[LoadResult] = []
     with tempfile.TemporaryDirectory(prefix="deltadit-serve-bench-", dir=workdir) as tmp:

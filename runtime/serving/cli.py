@@ -178,7 +178,7 @@ def load_test(url, protocol, model, requests, concurrency, duration, warmup, see
     probe.close()
     result = _run(lambda: run_load(lambda: connect(url, kind, model), requests=requests, concurrency=concurrency,
                                    duration=duration, warmup=warmup, seed=seed, steps=steps, guidance=guidance,
-                                   policy=policy))
+                                   policy=policy, progress=sys.stderr.isatty()))
     click.echo(format_table([result]))
     for sample in result.error_samples:
         click.echo(f"error: {sample}", err=True)
@@ -216,7 +216,8 @@ def bench(engines, servers, instances, batching_modes, requests, concurrency, du
     _run(lambda: load_manifest(engines))
     results = _run(lambda: run_bench(engines, servers=server_list, instances=counts, batching=modes,
                                      requests=requests, concurrency=concurrency, duration=duration, warmup=warmup,
-                                     steps=steps, guidance=guidance, say=lambda m: click.echo(m, err=True)))
+                                     steps=steps, guidance=guidance, say=lambda m: click.echo(m, err=True),
+                                     progress=sys.stderr.isatty()))
     ratios = batching_ratios(results)
     info = machine_info()
     click.echo(f"{engines}: {requests} requests, concurrency {concurrency}, {info['cpus']} CPUs, load average "

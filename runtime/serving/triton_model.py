@@ -222,6 +222,10 @@ class TritonPythonModel:
             except RequestError as exc:
                 responses[i] = pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
                 continue
+            except Exception as exc:  # a bug here must fail this request only, never the batch or the instance
+                responses[i] = pb.InferenceResponse(error=pb.TritonError(
+                    f"could not read the request: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL))
+                continue
             spans.append((i, len(images), len(parsed)))
             images += parsed
         results = self.executor.run(images, return_exceptions=True) if images else []
@@ -233,7 +237,12 @@ class TritonPythonModel:
                     f"generation failed: {type(failed).__name__}: {failed}", pb.TritonError.INTERNAL))
                 continue
             requested = set(requests[i].requested_output_names() or ())
-            arrays = result_tensors(mine, requested, self.limits)
+            try:
+                arrays = result_tensors(mine, requested, self.limits)
+            except Exception as exc:
+                responses[i] = pb.InferenceResponse(error=pb.TritonError(
+                    f"could not encode the outputs: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL))
+                continue
             # from_dlpack, not pb.Tensor(name, array): the 2.51 stub reads a numpy 2 array's byte size wrongly
             # ("output tensor shape does not match size of output"); DLPack carries dtype and shape itself.
             responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor.from_dlpack(k, _dlpack(v))
