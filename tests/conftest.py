@@ -31,3 +31,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory) -> Path:
+    """The shipped pixart-digits model exported as `deltadit-export` does by default (max batch 4 images), read-only."""
+    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.progress import Progress
+
+    out = tmp_path_factory.mktemp("exports") / "pixart-digits"
+    export(ExportOptions(model="pixart-digits", out=str(out)), Progress(quiet=True))
+    return out
