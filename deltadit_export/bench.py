@@ -32,14 +32,14 @@ from click.core import ParameterSource
 
 from . import bench_rows as bench_rows_mod
 from .bench_baseline import (
-    DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, rebuild_model, reference_delta_dit,
-    step_kind,
+    DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, reference_delta_dit, step_kind,
 )
 from .bench_report import build_report, format_report
 from .bench_rows import MODES, SEGMENT_NAMES
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .models import check_prompt
 from .publish import write_file
+from .rebuild import WeightsNotNamed, rebuild_model, resolve_weights
 from .timing import Row, TimingError, default_threads, measure
 
 
@@ -57,6 +57,7 @@ class BenchSettings:
     backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
     modes: tuple[str, ...] = MODES
     trust_artifacts: bool = False  # allow backends whose artifacts can run code (--trust-artifacts)
+    weights: str | None = None  # the PyTorch rows' weights folder (--weights DIR; rebuild.py says when it is needed)
 
 
 class BenchError(RuntimeError):
@@ -124,7 +125,8 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
         check_prompt(manifest.model["name"], settings.prompt)
     inputs = make_inputs(manifest, Path(engines), settings.seed, settings.prompt)
     common = {"engines": str(Path(engines).resolve()), "inputs": inputs, "num_steps": T, "interval": N,
-              "boundary": b, "guidance_scale": settings.guidance_scale}
+              "boundary": b, "guidance_scale": settings.guidance_scale, "weights": settings.weights}
+    reference_here = _check_pytorch_weights(manifest, settings)
     try:
         timing = measure(bench_rows(engines, settings.modes, common, settings.backend, settings.trust_artifacts),
                          repeats=settings.repeats,
@@ -134,9 +136,9 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     results = {m: _mode_result(t, T) for m, t in timing.rows.items()}
     latents = {m: t.final["latents"] for m, t in timing.rows.items() if "latents" in t.final}
     ref = (timing.rows["eager"].final.get("reference") if "eager" in timing.rows else None)
-    if ref is None and "delta-dit" in settings.modes:
+    if ref is None and reference_here:
         # No eager worker to run it in: the independent Δ-DiT runs here (untimed).
-        model = rebuild_model(manifest)
+        model = rebuild_model(manifest, settings.weights, as_exported=True)
         with torch.inference_mode():
             lat, r_runs, r_kinds = reference_delta_dit(model, manifest, inputs, T, N, b, settings.guidance_scale,
                                                        make_scheduler(Path(engines)))
@@ -155,6 +157,25 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     return report
 
 
+def _check_pytorch_weights(manifest, settings: BenchSettings) -> bool:
+    """Before any worker starts: the PyTorch rows' weights can be read (rebuild.py), or one Error line says why.
+    Returns whether the independent Δ-DiT runs here (delta-dit without the eager row that would run it); it is
+    skipped, with a warning, when it would need a weights folder the user did not name."""
+    pytorch_rows = any(m in settings.modes for m in ("eager", "torch-compile"))
+    reference_here = "delta-dit" in settings.modes and "eager" not in settings.modes
+    if not (pytorch_rows or reference_here):
+        return False
+    try:
+        resolve_weights(manifest, settings.weights, refusal_hint="or leave out the PyTorch rows (--modes none,delta-dit)")
+    except WeightsNotNamed:
+        if pytorch_rows:
+            raise
+        log.warning("delta-dit is not checked against the independent Δ-DiT: it runs on the diffusers model, and this "
+                    "export's local weights are read only from a folder you name (--weights DIR)")
+        return False
+    return reference_here
+
+
 EXPORT_FLAGS = {  # click parameter name -> flag, for "--engines excludes these" and the export call
     "model": "--model", "resolution": "--resolution", "weights": "--weights", "random_weights": "--random-weights",
     "seed": "--seed", "overrides": "--set", "cached_blocks": "--cached-blocks", "precision": "--precision",
@@ -171,6 +192,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 
     given = [flag for name, flag in EXPORT_FLAGS.items() if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
     if engines is not None:
+        given = [flag for flag in given if flag != "--weights"]  # with --engines it names the PyTorch rows' weights
         if given:
             raise click.UsageError(f"--engines and {', '.join(given)} exclude each other: --engines benchmarks an "
                                    "existing export as it is; the model flags export one (or reuse an identical one)")
@@ -197,7 +219,9 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
                    "(reusing an identical export), or the default export is used.")
 @click.option("--model", default=None, help="As deltadit-export --model (default pixart-digits).")
 @click.option("--resolution", type=int, default=None, help="As deltadit-export.")
-@click.option("--weights", type=click.Path(file_okay=False), default=None, help="As deltadit-export.")
+@click.option("--weights", type=click.Path(file_okay=False), default=None,
+              help="As deltadit-export. With --engines: the weights folder that export was made from, for the PyTorch "
+                   "rows (needed when it was exported from a local folder; checked against its weights fingerprint).")
 @click.option("--random-weights", is_flag=True, help="As deltadit-export.")
 @click.option("--seed", type=int, default=0, show_default=True, help="As deltadit-export: seed of --random-weights.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="As deltadit-export.")
@@ -265,7 +289,7 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
                              backend=backend, modes=tuple(m for m in MODES if m in selected),
-                             trust_artifacts=trust_artifacts)
+                             trust_artifacts=trust_artifacts, weights=export_flags["weights"])
     try:
         report = run_bench(folder, settings, Path(json_path) if json_path else None)
     except user_errors() + (BenchError,) as exc:

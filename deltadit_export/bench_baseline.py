@@ -122,38 +122,6 @@ def guided_conditioning(manifest, inputs: dict[str, Any], dtype, guide=None) -> 
 # ============================================================================ eager and the reference Δ-DiT
 
 
-def rebuild_model(manifest):
-    """The diffusers transformer the export came from: same weights (source recorded in the manifest), same dtype."""
-    import torch
-
-    from .exporter import keep_norms_fp32
-    from .models import ModelError, WeightsSource, build_model, get_spec
-
-    spec = get_spec(manifest.model["name"])
-    src = dict(manifest.model["source"])
-    kind = src.get("kind")
-    if kind == "random":
-        source = WeightsSource("random", seed=src.get("seed", 0), overrides=src.get("overrides", {}))
-        exported_with = manifest.export.get("torch")
-        if exported_with and exported_with != torch.__version__:
-            log.warning("random weights were drawn with torch %s, this is torch %s: the init may differ (the "
-                        "none-vs-eager error will show it)", exported_with, torch.__version__)
-    else:
-        path = src.get("path")
-        if not path or not Path(path).is_dir():
-            raise ModelError(f"the manifest's {kind} weights folder {path!r} does not exist any more: the eager "
-                             "baseline needs the same weights; restore it or re-export (deltadit-export --force)")
-        source = WeightsSource(kind, path=path, repo_id=src.get("repo_id"))
-    model = build_model(spec, source, manifest.model["config"])
-    if len(model.transformer_blocks) != manifest.num_layers:
-        raise ModelError(f"the rebuilt model has {len(model.transformer_blocks)} blocks, the manifest "
-                         f"{manifest.num_layers}: the weights changed since the export; re-export with --force")
-    if manifest.precision == "fp16":
-        model = model.half()
-        keep_norms_fp32(model)  # as the exporter did
-    return model.eval()
-
-
 def eager_generate(model, manifest, inputs: dict[str, Any], num_steps: int, guidance_scale: float, scheduler,
                    on_step=None):
     """The PyTorch baseline: the diffusers forward in a plain guided DPM-Solver++ loop; returns final latents."""

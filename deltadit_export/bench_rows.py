@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .bench_baseline import eager_generate, make_scheduler, rebuild_model, reference_delta_dit
+from .bench_baseline import eager_generate, make_scheduler, reference_delta_dit
+from .rebuild import rebuild_model
 from .timing import Runner, WorkerContext
 
 MODES = ("eager", "torch-compile", "none", "delta-dit")
@@ -28,7 +29,8 @@ log = logging.getLogger("deltadit")
 
 
 def eager_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_steps: int, interval: int, boundary: int,
-              guidance_scale: float, compile: bool = False, reference: bool = False, **_) -> Runner:
+              guidance_scale: float, compile: bool = False, reference: bool = False, weights: str | None = None,
+              **_) -> Runner:
     """PyTorch eager (or ``torch.compile`` of the whole transformer); with ``reference`` its ``finish`` also runs
     the independent Δ-DiT on the same model (not timed, after the peak RSS is taken)."""
     import torch
@@ -38,7 +40,7 @@ def eager_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_step
     root = Path(engines)
     manifest = load_manifest(root)
     T, N, b, g = num_steps, interval, boundary, guidance_scale
-    model = rebuild_model(manifest)
+    model = rebuild_model(manifest, weights, as_exported=True)  # weights: --weights DIR (rebuild.py)
     target = model
     if compile:
         target = torch.compile(model)

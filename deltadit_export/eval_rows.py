@@ -74,6 +74,7 @@ class EvalSetup:
     guidance: float
     cache_dir: Path | None
     fingerprint: str
+    weights: str | None = None  # --weights DIR of the PyTorch rows' timing workers (rebuild.py)
 
 
 def _row_cache_path(setup: EvalSetup, row: RowSpec) -> Path | None:
@@ -134,5 +135,5 @@ def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
                                            setup.runtime.trust_artifacts))
         else:
             out.append(sample_rows.eager(row.name, engines, row.num_steps, inputs, setup.guidance, hook=row.hook,
-                                         params=row.params))
+                                         params=row.params, weights=setup.weights))
     return out

@@ -97,10 +97,13 @@ DEFAULT_OUT = Path("docs") / "quality"
 @click.option("--trust-artifacts", is_flag=True,
               help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
               "for exports you made or trust. Without it auto uses ONNX Runtime.")
+@click.option("--weights", type=click.Path(file_okay=False), default=None,
+              help="The weights folder the export was made from, for the PyTorch rows (needed when it was exported "
+                   "from a local folder, deltadit-export --weights; checked against its weights fingerprint).")
 @verbosity_options
 @version_option
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,
-         tuning_images, out, work, trust_artifacts):
+         tuning_images, out, work, trust_artifacts, weights):
     """Measure Δ-DiT's quality and speed on pixart-digits against full compute, fewer steps and other caches."""
     from runtime.schedule import ScheduleError
 
@@ -113,7 +116,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     torch.set_num_threads(gen_threads)
     folder, runtime = open_engines(engines, gen_threads, trust_artifacts)
     m = runtime.manifest
-    setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work)
+    setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work, weights)
     digits, guidance = setup.digits, setup.guidance
 
     log.info("training the reference classifier (seed %d) ...", CLASSIFIER_SEED)
@@ -215,12 +218,13 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
 
 
 def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidance: float | None,
-               work: str | None) -> EvalSetup:
-    """The inputs every row shares: prompts (digit-major), noise, the sampler config, the PyTorch model."""
+               work: str | None, weights: str | None = None) -> EvalSetup:
+    """The inputs every row shares: prompts (digit-major), noise, the sampler config, the PyTorch model
+    (``weights``: the user's --weights DIR, see rebuild.py)."""
+    from .cli import user_errors
     from .digits import prompt_for_digit
-    from .sampling import (
-        default_guidance, encode_prompts, initial_noise, load_text_encoder, rebuild_torch_model, scheduler_config_of,
-    )
+    from .rebuild import rebuild_model
+    from .sampling import default_guidance, encode_prompts, initial_noise, load_text_encoder, scheduler_config_of
 
     m = runtime.manifest
     encoder = load_text_encoder(m, warn=log.warning)
@@ -230,7 +234,10 @@ def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidanc
     negative = encode_prompts(encoder, [""])
     noise = initial_noise(len(digits), tuple(m.sample_shape), seed)
     sched_cfg = scheduler_config_of(m)
-    torch_model = rebuild_torch_model(m)
+    try:
+        torch_model = rebuild_model(m, weights)
+    except user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
     state = {k: v.clone() for k, v in torch_model.state_dict().items()}
 
     def factory():
@@ -245,7 +252,7 @@ def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidanc
                               "scheduler": sched_cfg, "encoder": encoder.to_config(), "seed": seed, "n": len(digits),
                               "guidance": guidance}, sort_keys=True, default=str)
     return EvalSetup(runtime, m, factory, sched_cfg, embeds, mask, negative, noise, digits, guidance, work_dir,
-                     fingerprint)
+                     fingerprint, weights)
 
 
 def choose_rows(setup: EvalSetup, num_steps: int, only: str | None, no_hooks: bool,

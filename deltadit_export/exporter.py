@@ -176,6 +176,7 @@ class ResolvedExport:
     cache_key: str
     keep_fp32: tuple[str, ...] = ()  # int8: segments exported in fp32
     int8_tolerance: float | None = None  # int8: the gate's limit
+    weights_fingerprint: str | None = None  # recorded: the PyTorch baselines check a --weights folder against it
 
 
 def resolve(options: ExportOptions) -> ResolvedExport:
@@ -228,9 +229,10 @@ def resolve(options: ExportOptions) -> ResolvedExport:
     fields = options.cache_fields()
     fields.update(resolution=resolution, cached_blocks=n_c, num_steps=sched["num_steps"],
                   interval=sched["interval"], boundary=sched["boundary"], backends=sorted(set(options.backends)))
+    fingerprint = weights_fingerprint(source, config)
     key_material = {
         "options": fields,
-        "weights": weights_fingerprint(source, config),
+        "weights": fingerprint,
         "extras": _extras_fingerprint(_extras_root(spec, source)),
         "guidance_scale": model_guidance(spec.name),  # recorded in the manifest
         "deltadit": __version__,
@@ -253,7 +255,7 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         fields.pop("int8_tolerance")
     cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
     return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key, keep_fp32,
-                          int8_tolerance)
+                          int8_tolerance, weights_fingerprint=fingerprint)
 
 
 def resolve_schedule(spec, options: ExportOptions, num_layers: Any) -> tuple[Cuts, dict[str, Any]]:
@@ -531,7 +533,8 @@ def _build(job: ResolvedExport, tmp: Path, progress: Progress, on_model_loaded) 
         max_batch=2 * job.options.max_batch,
         conditioning=conditioning,
         segments=tuple(specs),
-        export={"cache_key": job.cache_key, "exporter": job.options.exporter, "opset": job.options.opset,
+        export={"cache_key": job.cache_key, "weights_fingerprint": job.weights_fingerprint,
+                "exporter": job.options.exporter, "opset": job.options.opset,
                 "deltadit": __version__, "torch": torch.__version__, "tokens": shape.tokens,
                 "width": shape.width, "vae_scale_factor": job.spec.vae_scale_factor,
                 "parity": {r.name: r.rel_err for r in reports},

@@ -35,6 +35,7 @@ from . import sample_rows
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .imaging import comparison_image, grid_image, psnr, save_png, to_uint8
 from .models import check_prompt, model_guidance
+from .rebuild import resolve_weights
 from .sampling import (
     default_guidance, encode_prompts, initial_noise, load_text_encoder, runtime_generate, stale_extras,
 )
@@ -93,10 +94,13 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
 @click.option("--trust-artifacts", is_flag=True,
               help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
               "for exports you made or trust. Without it auto uses ONNX Runtime.")
+@click.option("--weights", type=click.Path(file_okay=False), default=None,
+              help="The weights folder the export was made from, for the PyTorch eager timing (needed when it was "
+                   "exported from a local folder, deltadit-export --weights; checked against its weights fingerprint).")
 @verbosity_options
 @version_option
 def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads,
-         trust_artifacts):
+         trust_artifacts, weights):
     """Generate images with the exported engines and the Δ-DiT cache; compare with full compute and PyTorch eager."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -126,6 +130,8 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
         guidance = guidance if guidance is not None else default_guidance(m)
         schedule = runtime.schedule(policy, num_steps=num_steps)
         full_schedule = runtime.schedule("none", num_steps=schedule.num_steps)
+        if not no_timing:  # before any image: the eager row's weights can be read (rebuild.py)
+            resolve_weights(m, weights, refusal_hint="or skip the PyTorch timing (--no-timing)")
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     out_dir = Path(out) if out else folder
@@ -159,7 +165,7 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
 
     if not no_timing:
         one = [(embeds[:1], mask[:1], negative, noise[:1])]
-        rows = [sample_rows.eager("pytorch eager", folder, s.num_steps, one, guidance),
+        rows = [sample_rows.eager("pytorch eager", folder, s.num_steps, one, guidance, weights=weights),
                 sample_rows.runtime("runtime none", folder, "none", s.num_steps, one, guidance, trust_artifacts)]
         if s.policy != "none":
             rows.append(sample_rows.runtime(f"runtime {s.policy}", folder, s.policy, s.num_steps, one, guidance,

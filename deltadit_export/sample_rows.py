@@ -35,13 +35,15 @@ def runtime_row(ctx: WorkerContext, engines: str, policy: str, num_steps: int | 
 
 
 def eager_row(ctx: WorkerContext, engines: str, num_steps: int, inputs: list[OneImage], guidance: float,
-              hook: str | None = None, params: dict[str, Any] | None = None) -> Runner:
+              hook: str | None = None, params: dict[str, Any] | None = None, weights: str | None = None) -> Runner:
+    """The diffusers model (fp32; ``weights``: the user's --weights DIR, see rebuild.py) in PyTorch eager."""
     from runtime.manifest import load_manifest
 
-    from .sampling import rebuild_torch_model, scheduler_config_of, torch_generate
+    from .rebuild import rebuild_model
+    from .sampling import scheduler_config_of, torch_generate
 
     manifest = load_manifest(engines)
-    model = rebuild_torch_model(manifest).eval().requires_grad_(False)
+    model = rebuild_model(manifest, weights)
     if hook:
         from .eval_hooks import apply_hook
 
@@ -62,6 +64,6 @@ def runtime(name: str, engines, policy: str, num_steps: int | None, inputs: list
 
 
 def eager(name: str, engines, num_steps: int, inputs: list[OneImage], guidance: float, hook: str | None = None,
-          params: dict[str, Any] | None = None) -> Row:
+          params: dict[str, Any] | None = None, weights: str | None = None) -> Row:
     return Row(name, eager_row, {"engines": str(engines), "num_steps": num_steps, "inputs": inputs,
-                                 "guidance": guidance, "hook": hook, "params": params})
+                                 "guidance": guidance, "hook": hook, "params": params, "weights": weights})

@@ -98,15 +98,6 @@ def make_scheduler(config: dict):
     return DPMSolverMultistepScheduler.from_config(config)
 
 
-def rebuild_torch_model(manifest):
-    """The diffusers model the export came from, fp32 eval mode, from what the manifest records."""
-    from .models import WeightsSource, build_model, get_spec
-
-    src = dict(manifest.model["source"])
-    source = WeightsSource(**src)
-    return build_model(get_spec(manifest.model["name"]), source, manifest.model["config"])
-
-
 def initial_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Noise of ``count`` samples from one ``torch.Generator(seed)``, in order: sample i always gets the same noise."""
     return torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)

@@ -34,9 +34,15 @@ def export_options_like(folder: str | os.PathLike | Manifest, **changes: Any) ->
     source = m.model.get("source", {})
     kind = source.get("kind")
     int8 = m.export.get("int8", {}) if m.precision == "int8" else {}
+    if kind == "local" and not changes.get("weights"):
+        # The recorded path is the (untrusted) folder's say: a local source is read only from a folder the user names.
+        from .models import ModelError
+
+        raise ModelError(f"{m.root} was exported from a local weights folder ({source.get('path')!r}): pass "
+                         "weights=DIR (CLI --weights DIR), the folder it was exported from, to export it another way")
     options = ExportOptions(
         model=m.model["name"], resolution=m.resolution,
-        weights=source.get("path") if kind == "local" else None,
+        weights=None,  # a local source needs changes["weights"] (above)
         random_weights=kind == "random", seed=source.get("seed") or 0,
         overrides=dict(source.get("overrides", {})) if kind == "random" else {},
         cached_blocks=m.cached_blocks, precision=m.precision,

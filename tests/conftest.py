@@ -24,6 +24,18 @@ def dit_export(tmp_path_factory) -> Path:
     return export_tiny(tmp_path_factory.mktemp("exports") / "dit", "dit-xl-2")
 
 
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory) -> Path:
+    """The shipped pixart-digits model, exported: it carries scheduler/ and text_encoder/ configs. Shared read-only
+    (tests that change it work on a copy)."""
+    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.progress import Progress
+
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    export(ExportOptions(out=str(out)), Progress(quiet=True))
+    return out
+
+
 @pytest.fixture()
 def one_torch_thread():
     """torch on one thread for the test (restored after): for tests of tiny models."""

@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltadit_export import bench, bench_baseline
+from deltadit_export import bench, bench_baseline, rebuild
 from runtime.manifest import load_manifest
 
 FP32_TOL = 1e-4
@@ -90,7 +90,8 @@ def test_accuracy(bench_report):
 @pytest.fixture(scope="module")
 def tiny_model(pixart_export):
     m = load_manifest(pixart_export)
-    return bench_baseline.rebuild_model(m), m, bench_baseline.make_inputs(m, pixart_export, 0, bench_baseline.DEFAULT_PROMPT)
+    inputs = bench_baseline.make_inputs(m, pixart_export, 0, bench_baseline.DEFAULT_PROMPT)
+    return rebuild.rebuild_model(m, as_exported=True), m, inputs
 
 
 def test_reference_all_full_is_the_eager_loop_bit_for_bit(tiny_model, pixart_export):

@@ -288,17 +288,6 @@ def test_onnxruntime_floor_checks_external_data_too():
 # ------------------------------------------------------------------------------------------------ companion files
 
 
-@pytest.fixture(scope="module")
-def digits_export(tmp_path_factory):
-    """The shipped pixart-digits model: its export carries scheduler/ and text_encoder/ configs."""
-    from deltadit_export.exporter import ExportOptions, export
-    from deltadit_export.progress import Progress
-
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    export(ExportOptions(out=str(out)), Progress(quiet=True))
-    return out
-
-
 def test_companion_files_are_hashed_at_export(digits_export):
     m = load_manifest(digits_export)
     assert set(m.companion_files) == {"scheduler/scheduler_config.json", "text_encoder/config.json"}
