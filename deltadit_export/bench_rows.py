@@ -58,9 +58,10 @@ CALL_KINDS = ("full", "cache-rear", "cache-front")  # one per-call cycle of a de
 log = logging.getLogger("deltadit")
 
 
-def call_feeds(manifest, root: Path, inputs: dict[str, Any], guidance_scale: float) -> list[dict[str, Any]]:
-    """Named inputs of three guided transformer calls (batch 2, fp32) at the first three timesteps of the
-    scheduler, on the step-0 model input: what the per-call rows run (the eager rows the first only)."""
+def call_feeds(manifest, root: Path, inputs: dict[str, Any], guidance_scale: float,
+               num_steps: int) -> list[dict[str, Any]]:
+    """Named inputs of three guided transformer calls (batch 2, fp32) at the first three timesteps of a
+    ``num_steps`` schedule, on the step-0 model input: what the per-call rows run (the eager rows the first)."""
     import torch
 
     from runtime.guidance import guidance_for
@@ -70,7 +71,7 @@ def call_feeds(manifest, root: Path, inputs: dict[str, Any], guidance_scale: flo
     guide = guidance_for(manifest, guidance_scale)
     cond = guided_conditioning(manifest, inputs, torch.float32, guide)
     scheduler = make_scheduler(root)
-    scheduler.set_timesteps(max(3, int(manifest.schedule["num_steps"])))
+    scheduler.set_timesteps(max(3, num_steps))
     state = guide.start(inputs["latents"].to(torch.float32) * scheduler.init_noise_sigma, scheduler)
     sample = scheduler.scale_model_input(guide.model_input(state), scheduler.timesteps[0])
     return [{"sample": sample, "timestep": torch.full((len(sample),), float(t), dtype=torch.float32), **cond}
