@@ -100,13 +100,23 @@ def eager_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_step
     T, N, b, g = num_steps, interval, boundary, guidance_scale
     model = rebuild_model(manifest)
     if dtype != "float32":
-        model = model.to(getattr(torch, dtype))  # what a CPU user does with a diffusers model
+        # What a CPU user does with a diffusers model. diffusers warns about "modules that should be kept in
+        # float32: []" on every cast, also when the list is empty (PixArt, DiT): noise here.
+        quiet_cast = logging.getLogger("diffusers.models.modeling_utils")
+        level = quiet_cast.level
+        quiet_cast.setLevel(logging.ERROR)
+        try:
+            model = model.to(getattr(torch, dtype))
+        finally:
+            quiet_cast.setLevel(level)
     target = torch.compile(model) if compile else model
     make_scheduler(root)  # imports the scheduler module now, not inside the first run
     model_dtype = next(model.parameters()).dtype
 
     if per_call:
-        call = {k: v.to(model_dtype) if v.is_floating_point() and k != "timestep" else v for k, v in feeds[0].items()}
+        keep_fp32 = {"timestep"} if model_dtype == torch.bfloat16 else set()  # as eager_generate feeds them
+        call = {k: v.to(model_dtype) if v.is_floating_point() and k not in keep_fp32 else v
+                for k, v in feeds[0].items()}
 
         def run(i: int):
             return diffusers_forward(target, call).float()

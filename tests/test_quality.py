@@ -311,3 +311,17 @@ def test_eval_int8_and_bf16_rows_on_a_tiny_setting(tmp_path):
     assert out.output.count("precision gate int8: ") == 1 and out.output.count("precision gate bf16: ") == 1
     if not has_ov:
         assert "NOT MEASURED" in out.output
+
+
+def test_precisions_option():
+    import click
+
+    from deltadit_export.eval_rows import parse_precisions, precision_rows
+
+    assert parse_precisions("bf16, int8") == ("int8", "bf16") and parse_precisions("none") == parse_precisions("") == ()
+    with pytest.raises(click.BadParameter, match="fp64"):
+        parse_precisions("int8,fp64")
+    rows = precision_rows(20, ("int8",))
+    assert [(r.name, r.policy, r.precision, r.reference) for r in rows] == [
+        ("int8 full", "none", "int8", "full"), ("int8 delta-dit", "delta-dit", "int8", "full")]
+    assert rows[0].key()["precision"] == "int8"  # their sample cache is not the fp32 rows'
