@@ -1,17 +1,22 @@
-"""``deltadit-bench`` (``deltadit bench``): latency, memory and accuracy of the runtime against PyTorch eager and torch.compile.
+"""``deltadit-bench`` (``deltadit bench``): latency, memory and accuracy of the runtime against its peers.
 
-Four modes run the same generation (1 image, classifier-free guidance as one batch of 2 in the order of
-the model's diffusers pipeline (``runtime/guidance.py``), T steps of the runtime's DPM-Solver++ scheduler, the same latents and conditioning):
-``eager``, ``torch-compile``, ``none`` (the runtime, every step full) and ``delta-dit`` (the runtime
-with the Δ-DiT cache schedule); what each runs is in ``bench_rows.py``.
+The rows (``bench_rows.py``) run the same generation (1 image, classifier-free guidance as one batch of 2 in
+the order of the model's diffusers pipeline (``runtime/guidance.py``), T steps of the runtime's DPM-Solver++
+scheduler, the same latents and conditioning), or with ``--per-call`` one guided transformer call: the
+peers ``eager`` (PyTorch fp32), ``eager-bf16``, ``torch-compile``, and the runtime with ``none`` and
+``delta-dit`` on the export's engines, on its int8 export (``int8-*``, built from the same model by
+``variants.export_options_like`` next to the export, reused when it exists) and on OpenVINO
+(``openvino-*``). ``--modes`` picks the rows (default: eager, torch-compile, none, delta-dit; ``all``: every
+row).
 
-Timing goes through the measurement harness (``timing.py``): one worker process per mode (so one
-mode's peak RSS cannot hide another's), the same threads and OpenMP/ONNX Runtime thread waiting for
-both sides, a warm-up of every mode before any timed run, then ``--repeats`` rounds round-robin across
-the modes; medians with min–max and the load average before and after. Accuracy: the final latents of
-``none`` against eager, and of ``delta-dit`` against an independent Δ-DiT written on the diffusers
-block list (``bench_baseline.reference_delta_dit``, DESIGN.md §2 math; it shares nothing with the
-runtime's plan execution).
+Timing goes through the measurement harness (``timing.py``): one worker process per PyTorch row and per
+engine set (so one mode's peak RSS cannot hide another's, and one set's weights are held once), the same
+threads and OpenMP/ONNX Runtime thread waiting for both sides, a warm-up of every row before any timed run,
+then ``--repeats`` rounds round-robin across the rows; medians with min–max and the load average before
+and after. Accuracy: the final latents (per call: the call's output) of every row against fp32 eager, and
+of ``delta-dit`` against an independent Δ-DiT written on the diffusers block list
+(``bench_baseline.reference_delta_dit``, DESIGN.md §2 math; it shares nothing with the runtime's plan
+execution). Ratios against eager fp32 and against the best peer (the fastest PyTorch row).
 
 Layout: command line (:func:`cli`) and orchestration (:func:`run_bench`) here → the rows
 (``bench_rows.py``) → eager loop and reference Δ-DiT (``bench_baseline.py``) → report (``bench_report.py``).
@@ -35,7 +40,7 @@ from .bench_baseline import (
     DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, reference_delta_dit, step_kind,
 )
 from .bench_report import build_report, format_report
-from .bench_rows import MODES, SEGMENT_NAMES
+from .bench_rows import DEFAULT_MODES, MODES, PEERS, RUNTIME_MODES, SEGMENT_NAMES, call_feeds, per_step_ms
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .models import check_prompt
 from .publish import write_file
@@ -55,9 +60,10 @@ class BenchSettings:
     seed: int = 0
     prompt: str = DEFAULT_PROMPT
     backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     trust_artifacts: bool = False  # allow backends whose artifacts can run code (--trust-artifacts)
     weights: str | None = None  # the PyTorch rows' weights folder (--weights DIR; rebuild.py says when it is needed)
+    per_call: bool = False  # time one guided transformer call per row instead of a whole generation
 
 
 class BenchError(RuntimeError):
@@ -65,31 +71,112 @@ class BenchError(RuntimeError):
 
 
 def bench_rows(engines: Path, modes: tuple[str, ...], common: dict[str, Any], backend: str,
-               trust_artifacts: bool = False) -> list[Row]:
+               trust_artifacts: bool = False, int8_engines: Path | None = None) -> list[Row]:
     """The harness rows of the selected modes. A peer engine is one more line here (and its setup in
-    ``bench_rows.py``)."""
+    ``bench_rows.py``). The two rows of one engine set share a worker process (and its loaded runtime)."""
+    fp32 = dict(common, backend=backend, trust_artifacts=trust_artifacts)
+    int8 = dict(common, engines=str(Path(int8_engines).resolve()) if int8_engines else None, backend="onnxruntime")
+    openvino = dict(common, backend="openvino")
     rows = {
         "eager": Row("eager", bench_rows_mod.eager_row, dict(common, reference="delta-dit" in modes)),
+        "eager-bf16": Row("eager-bf16", bench_rows_mod.eager_row, dict(common, dtype="bfloat16")),
         # Optional: torch.compile needs a C++ compiler; without one the row is left out with a warning.
         "torch-compile": Row("torch-compile", bench_rows_mod.eager_row, dict(common, compile=True), optional=True),
-        "none": Row("none", bench_rows_mod.runtime_row, dict(common, policy="none", backend=backend,
-                                                              trust_artifacts=trust_artifacts)),
-        "delta-dit": Row("delta-dit", bench_rows_mod.runtime_row, dict(common, policy="delta-dit", backend=backend,
-                                                                        trust_artifacts=trust_artifacts)),
+        "none": Row("none", bench_rows_mod.runtime_row, dict(fp32, policy="none"), worker="runtime"),
+        "delta-dit": Row("delta-dit", bench_rows_mod.runtime_row, dict(fp32, policy="delta-dit"), worker="runtime"),
+        "int8-none": Row("int8-none", bench_rows_mod.runtime_row, dict(int8, policy="none"), worker="runtime int8"),
+        "int8-delta-dit": Row("int8-delta-dit", bench_rows_mod.runtime_row, dict(int8, policy="delta-dit"),
+                              worker="runtime int8"),
+        "openvino-none": Row("openvino-none", bench_rows_mod.runtime_row, dict(openvino, policy="none"),
+                             worker="runtime openvino"),
+        "openvino-delta-dit": Row("openvino-delta-dit", bench_rows_mod.runtime_row,
+                                  dict(openvino, policy="delta-dit"), worker="runtime openvino"),
     }
     return [rows[m] for m in MODES if m in modes]
 
 
+def int8_variant(engines: Path, quiet_progress: bool = True, weights: str | None = None) -> Path:
+    """The int8 export of the same model as ``engines`` (same weights, cuts and schedule; embed and head fp32),
+    next to it: exported once, reused afterwards (the exporter's cache key).
+
+    The export runs in a child process: it loads the whole fp32 model and its ONNX (at full width ~6 GB at its
+    peak), memory this process would otherwise keep from the allocator while the timed workers run."""
+    import multiprocessing
+
+    from .variants import export_options_like, sibling_folder
+
+    out = sibling_folder(engines, "int8")
+    log.info("int8 rows: the int8 export of the same model at %s (exported once, reused when it exists)", out)
+    named = {"weights": weights} if weights else {}  # a local source is read only from a folder the user names
+    options = export_options_like(engines, precision="int8", out=str(out), force=False, **named)
+    ctx = multiprocessing.get_context("spawn")
+    replies = ctx.SimpleQueue()
+    child = ctx.Process(target=_export_variant, args=(options, quiet_progress, log.getEffectiveLevel(), replies))
+    child.start()
+    child.join()
+    reply = replies.get() if not replies.empty() else ("error", f"the int8 export process died (exit code "
+                                                                f"{child.exitcode}); its error is printed above")
+    if reply[0] == "error":
+        raise BenchError(f"int8 rows: {reply[1]}")
+    return Path(reply[1])
+
+
+def _export_variant(options, quiet_progress: bool, level: int, replies) -> None:
+    """In the child process of :func:`int8_variant`: export, and reply ("ok", folder) or ("error", message)."""
+    import logging
+
+    from .cli import user_errors
+    from .console import setup_logging
+    from .exporter import export
+    from .progress import Progress
+
+    setup_logging()
+    logging.getLogger("deltadit").setLevel(level)
+    try:
+        result = export(options, Progress(stream=sys.stderr, quiet=quiet_progress))
+    except user_errors() as exc:
+        replies.put(("error", str(exc)))
+        return
+    except Exception as exc:  # a bug: the traceback goes to stderr, one line to the parent
+        import traceback
+
+        traceback.print_exc()
+        replies.put(("error", f"the export failed: {type(exc).__name__}: {exc}"))
+        return
+    if not result.reused:
+        log.info("%s", result.summary())
+    replies.put(("ok", str(result.out)))
+
+
+def _check_modes_usable(modes: tuple[str, ...]) -> None:
+    import importlib.util
+
+    if any(RUNTIME_MODES.get(m, ("",))[0] == "openvino" for m in modes) and importlib.util.find_spec("openvino") is None:
+        raise BenchError("the openvino rows need OpenVINO: pip install 'deltadit[openvino]', or leave "
+                         f"{', '.join(m for m in modes if m.startswith('openvino'))} out of --modes")
+
+
 def _mode_result(t, num_steps: int) -> dict[str, Any]:
-    """One mode's entry of the report: its timing, peak RSS and what it ran (from the worker's info/finish)."""
+    """One mode's entry of the report: its timing, peak RSS and what it ran (from the worker's info/finish).
+
+    Per call, a runtime row's figure per run is the mean per step, over the schedule it stands for (its
+    ``kinds``), of the calls it timed (``bench_rows.per_step_ms``)."""
     final = dict(t.final)
     final.pop("latents", None)
     reference = final.pop("reference", None)
-    out = {**t.info, **final, "runs_ms": t.runs_ms, "warmup_ms": t.warmup_ms, "median_ms": t.median_ms,
-           "min_ms": t.min_ms, "max_ms": t.max_ms, "peak_rss_mb": t.peak_rss_mb, "load_s": t.setup_s}
+    runs = t.runs_ms
+    per_call = bool(t.records) and "calls_ms" in t.records[0]
+    if per_call:
+        runs = [per_step_ms(t.info["kinds"], r["calls_ms"]) for r in t.records]
+    out = {**t.info, **final, "runs_ms": runs, "warmup_ms": t.warmup_ms, "median_ms": statistics.median(runs),
+           "min_ms": min(runs), "max_ms": max(runs), "peak_rss_mb": t.peak_rss_mb, "worker": t.worker,
+           "load_s": t.setup_s}
+    if per_call:
+        out["calls_ms"] = {k: statistics.median(r["calls_ms"][k] for r in t.records) for k in t.records[0]["calls_ms"]}
+        out["harness_runs_ms"] = t.runs_ms  # the whole timed run (one call, or one cycle of three)
     if reference is not None:
         out["reference"] = {k: v for k, v in reference.items() if k != "latents"}
-    if t.records:
+    if t.records and not per_call:
         last = t.records[-1]
         out["segments"] = {n: {"calls": last[n][0], "ms": statistics.median(r[n][1] for r in t.records)}
                            for n in SEGMENT_NAMES if n in last}
@@ -124,11 +211,19 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     if (Path(engines) / "text_encoder" / "config.json").is_file():
         check_prompt(manifest.model["name"], settings.prompt)
     inputs = make_inputs(manifest, Path(engines), settings.seed, settings.prompt)
+    _check_modes_usable(settings.modes)
+    int8_engines = None
+    if any(RUNTIME_MODES.get(m, ("",))[0] == "int8" for m in settings.modes):
+        int8_engines = int8_variant(Path(engines), quiet_progress=quiet(), weights=settings.weights)
     common = {"engines": str(Path(engines).resolve()), "inputs": inputs, "num_steps": T, "interval": N,
-              "boundary": b, "guidance_scale": settings.guidance_scale, "weights": settings.weights}
+              "boundary": b, "guidance_scale": settings.guidance_scale, "weights": settings.weights,
+              "per_call": settings.per_call}
     reference_here = _check_pytorch_weights(manifest, settings)
+    if settings.per_call:
+        common["feeds"] = call_feeds(manifest, Path(engines), inputs, settings.guidance_scale, T)
     try:
-        timing = measure(bench_rows(engines, settings.modes, common, settings.backend, settings.trust_artifacts),
+        timing = measure(bench_rows(engines, settings.modes, common, settings.backend, settings.trust_artifacts,
+                                    int8_engines),
                          repeats=settings.repeats,
                          warmup=settings.warmup, threads=threads, isolate=True, desc="bench")
     except TimingError as exc:
@@ -148,10 +243,11 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
         latents["reference"] = ref["latents"]
         if ref["kinds"] != kinds or ref["block_runs"] != runs:
             raise BenchError(f"the reference Δ-DiT ran {ref['block_runs']} block-runs, expected {runs}")
-    for mode in ("none", "delta-dit"):
-        if mode in results and results[mode]["kinds"] != (["full"] * T if mode == "none" else kinds):
+    for mode, (_, policy) in RUNTIME_MODES.items():
+        if mode in results and results[mode]["kinds"] != (["full"] * T if policy == "none" else kinds):
             raise BenchError(f"the runtime's {mode} schedule {results[mode]['kinds']} is not the expected one")
-    report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs, timing)
+    report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs, timing,
+                          int8_engines)
     if json_path is not None:
         write_file(json_path, json.dumps(report, indent=2) + "\n")
     return report
@@ -161,8 +257,9 @@ def _check_pytorch_weights(manifest, settings: BenchSettings) -> bool:
     """Before any worker starts: the PyTorch rows' weights can be read (rebuild.py), or one Error line says why.
     Returns whether the independent Δ-DiT runs here (delta-dit without the eager row that would run it); it is
     skipped, with a warning, when it would need a weights folder the user did not name."""
-    pytorch_rows = any(m in settings.modes for m in ("eager", "torch-compile"))
-    reference_here = "delta-dit" in settings.modes and "eager" not in settings.modes
+    pytorch_rows = any(m in settings.modes for m in PEERS)
+    # The reference runs per generation only (a per-call run has no final latents to compare).
+    reference_here = "delta-dit" in settings.modes and "eager" not in settings.modes and not settings.per_call
     if not (pytorch_rows or reference_here):
         return False
     try:
@@ -254,26 +351,32 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @click.option("--trust-artifacts", is_flag=True,
               help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
               "for exports you made or trust. Without it auto uses ONNX Runtime.")
-@click.option("--modes", default=",".join(MODES), show_default=True,
-              help="Comma-separated subset of eager,torch-compile,none,delta-dit.")
+@click.option("--modes", default=",".join(DEFAULT_MODES), show_default=True,
+              help=f"Comma-separated rows of {','.join(MODES)}, or all (the full peer table; int8-* export the "
+                   "int8 variant next to the export first, openvino-* need the [openvino] extra).")
+@click.option("--per-call", is_flag=True,
+              help="Time one guided transformer call (batch 2) per row instead of a whole generation; delta-dit "
+                   "rows: the mean per step over the schedule of one timed call of each kind.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the results as JSON to this file.")
 @verbosity_options
 @version_option
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
-        backend, trust_artifacts, modes, json_path, **export_flags):
-    """Benchmark PyTorch eager and torch.compile against the runtime (policy none) and Δ-DiT.
+        backend, trust_artifacts, modes, per_call, json_path, **export_flags):
+    """Benchmark the runtime (none, Δ-DiT; fp32, int8, OpenVINO engines) against PyTorch eager fp32/bf16 and
+    torch.compile.
 
-    Each mode runs in its own process; all are warmed up before any timed run, then timed round-robin
-    with the same threads and thread waiting for torch and ONNX Runtime.
+    Each PyTorch row and each engine set runs in its own process; all are warmed up before any timed run,
+    then timed round-robin with the same threads and thread waiting for torch and ONNX Runtime.
     """
     from .cli import user_errors
 
     selected = tuple(m.strip() for m in modes.split(",") if m.strip())
+    selected = MODES if selected == ("all",) else selected
     bad = [m for m in selected if m not in MODES]
     if bad or not selected:
-        raise click.BadParameter(f"{bad or modes!r}: expected a comma-separated subset of {','.join(MODES)}",
+        raise click.BadParameter(f"{bad or modes!r}: expected all or a comma-separated subset of {','.join(MODES)}",
                                  param_hint="'--modes'")
     from runtime.backends import BACKENDS
 
@@ -289,7 +392,7 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
                              backend=backend, modes=tuple(m for m in MODES if m in selected),
-                             trust_artifacts=trust_artifacts, weights=export_flags["weights"])
+                             trust_artifacts=trust_artifacts, weights=export_flags["weights"], per_call=per_call)
     try:
         report = run_bench(folder, settings, Path(json_path) if json_path else None)
     except user_errors() + (BenchError,) as exc:

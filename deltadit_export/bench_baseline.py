@@ -140,7 +140,11 @@ def eager_generate(model, manifest, inputs: dict[str, Any], num_steps: int, guid
         if on_step is not None:
             on_step(i)
         model_in = scheduler.scale_model_input(guide.model_input(state), t)
-        feeds = {"sample": model_in.to(dtype), "timestep": torch.full((len(model_in),), float(t), dtype=dtype), **cond}
+        # A bf16-cast model still gets float32 timesteps, as the diffusers pipelines pass them (bf16 would round
+        # 999 to 1000); fp32/fp16 get the engines' input dtype.
+        t_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        feeds = {"sample": model_in.to(dtype), "timestep": torch.full((len(model_in),), float(t), dtype=t_dtype),
+                 **cond}
         out = diffusers_forward(model, feeds).float()
         state = guide.step(scheduler, out, t, state, num_steps=num_steps)
     return guide.result(state)

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .bench_rows import MODES, SEGMENT_NAMES
+from .bench_rows import LABELS, MODES, PEERS, RUNTIME_MODES, SEGMENT_NAMES
 
 # Issue 3 targets (2 CPU cores, fp32, T=20, guidance batch 2): printed next to the ratios, never asserted.
 TARGETS = {
@@ -17,6 +17,12 @@ TARGETS = {
     "delta_fraction_of_bound": 0.95,
     "speedup_delta_vs_eager": 1.9,
     "rss_runtime_over_eager": 1.0,  # at most
+}
+# Issue 12 targets (quick config, per generation, one interleaved run): printed, never asserted.
+PEER_TARGETS = {
+    "best_delta_vs_eager_bf16": 2.0,
+    "best_delta_vs_eager": 3.5,
+    "best_none_vs_best_peer": 1.2,
 }
 
 
@@ -51,8 +57,44 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def peer_table(results: dict[str, dict[str, Any]], latents: dict[str, Any]) -> dict[str, Any]:
+    """Every row against fp32 eager and against the best peer (the fastest PyTorch row), with the relative error
+    of its final latents (per call: its output) against fp32 eager's, and the issue 12 targets."""
+    ms = {m: results[m]["median_ms"] for m in MODES if m in results}
+    peers = [m for m in PEERS if m in ms]
+    best_peer = min(peers, key=lambda m: ms[m]) if peers else None
+
+    def fastest(policy: str) -> str | None:
+        rows = [m for m, (_, p) in RUNTIME_MODES.items() if p == policy and m in ms]
+        return min(rows, key=lambda m: ms[m]) if rows else None
+
+    rows = {}
+    for m in ms:
+        rows[m] = {
+            "label": LABELS[m], "ms": ms[m], "min_ms": results[m]["min_ms"], "max_ms": results[m]["max_ms"],
+            "vs_eager": ms["eager"] / ms[m] if "eager" in ms else None,
+            "vs_best_peer": ms[best_peer] / ms[m] if best_peer else None,
+            "rel_err_vs_eager": rel_err(latents[m], latents["eager"]) if m in latents and "eager" in latents
+            else None,
+            "peak_rss_mb": results[m]["peak_rss_mb"], "worker": results[m].get("worker"),
+            "precision_note": results[m].get("precision_note"), "dtype": results[m].get("dtype"),
+        }
+    best_none, best_delta = fastest("none"), fastest("delta-dit")
+
+    def ratio(base: str | None, row: str | None) -> float | None:
+        return ms[base] / ms[row] if base in ms and row in ms else None
+
+    targets = {
+        "best_delta_vs_eager_bf16": ratio("eager-bf16", best_delta),
+        "best_delta_vs_eager": ratio("eager", best_delta),
+        "best_none_vs_best_peer": ratio(best_peer, best_none),
+    }
+    return {"rows": rows, "best_peer": best_peer, "best_none": best_none, "best_delta": best_delta,
+            "targets": targets, "goals": PEER_TARGETS}
+
+
 def build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs,
-                 timing) -> dict[str, Any]:
+                 timing, int8_engines=None) -> dict[str, Any]:
     def ms(mode):
         return results[mode]["median_ms"] if mode in results else None
 
@@ -66,7 +108,7 @@ def build_report(manifest, engines, settings, T, N, b, threads, schedule, result
     speed_delta_full = ratio(full_ms, delta_ms)
     rss = {m: results[m]["peak_rss_mb"] for m in MODES if m in results}
     block_ms = {m: sum(s["ms"] for n, s in results[m]["segments"].items() if n in ("front", "middle", "rear"))
-                for m in ("none", "delta-dit") if m in results}
+                for m in ("none", "delta-dit") if m in results and "segments" in results[m]}
     src = manifest.model["source"]
     return {
         "eager_ms": eager_ms,
@@ -87,10 +129,12 @@ def build_report(manifest, engines, settings, T, N, b, threads, schedule, result
         "delta_vs_eager_rel_err": err("delta-dit", "eager"),
         "compile_vs_eager_rel_err": err("torch-compile", "eager"),
         "peak_rss_mb": rss,
-        "ms_per_step": {m: results[m]["median_ms"] / T for m in MODES if m in results},
+        "ms_per_step": {m: results[m]["median_ms"] / (1 if settings.per_call else T) for m in MODES if m in results},
+        "peers": peer_table(results, latents),
+        "unit": "call" if settings.per_call else "generation",
         "block_runs": {m: results[m]["block_runs"] for m in MODES if m in results},
-        "cache_bytes": {m: results[m]["cache_bytes"] for m in ("none", "delta-dit") if m in results},
-        "segments": {m: results[m]["segments"] for m in ("none", "delta-dit") if m in results},
+        "cache_bytes": {m: results[m]["cache_bytes"] for m in RUNTIME_MODES if m in results},
+        "segments": {m: results[m]["segments"] for m in RUNTIME_MODES if m in results and "segments" in results[m]},
         "modes": results,
         "targets": TARGETS,
         "config": {
@@ -103,7 +147,8 @@ def build_report(manifest, engines, settings, T, N, b, threads, schedule, result
             "full_block_runs": T * manifest.num_layers, "guidance_scale": settings.guidance_scale,
             "batch": 2, "images": 1, "scheduler": "DPMSolverMultistepScheduler (runtime default)",
             "conditioning": inputs["conditioning"], "seed": settings.seed, "repeats": settings.repeats,
-            "warmup": settings.warmup, "backend": settings.backend,
+            "warmup": settings.warmup, "backend": settings.backend, "per_call": settings.per_call,
+            "int8_engines": str(int8_engines) if int8_engines else None,
         },
         "threads": {"torch": threads, "onnxruntime_intra_op": threads, "os_cpu_count": os.cpu_count(),
                     "omp_wait_policy": timing.settings.wait_policy, "read_back": {
@@ -154,22 +199,30 @@ def format_report(r: dict[str, Any]) -> str:
         "mode), compiled before its warm-up",
         *[f"  runtime: backend {rt['backend']} on {rt['device']}; eager on cpu" for rt in
           [r["modes"].get("none") or r["modes"].get("delta-dit")] if rt],
+        *_peer_setup_lines(r),
         f"  {mi['cpu']}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, diffusers {v.get('diffusers')}",
         *[f"  {h}" for h in r.get("timing_header", [])],
         "",
-        f"{'mode':<13} {'total ms':>10} {'min–max':>19} {'ms/step':>9} {'block-runs':>11} {'bound':>7} "
-        f"{'peak RSS MB':>12} {'Δ cache bytes':>14}",
     ]
+    per_call = c.get("per_call")
+    unit = "ms/call" if per_call else "total ms"
+    lines.append(f"{'mode':<18} {unit:>10} {'min–max':>19} {'ms/step':>9} {'block-runs':>11} {'bound':>7} "
+                 f"{'peak RSS MB':>12} {'Δ cache bytes':>14}")
     for m in MODES:
         res = r["modes"].get(m)
         if res is None:
             continue
-        bound = "1.000" if m != "delta-dit" else f"{r['bound']:.3f}"
+        bound = f"{r['bound']:.3f}" if m in RUNTIME_MODES and RUNTIME_MODES[m][1] == "delta-dit" else "1.000"
         cache = f"{res['cache_bytes']:,}" if "cache_bytes" in res else "-"
         spread = f"{res['min_ms']:.1f}–{res['max_ms']:.1f}"
-        lines.append(f"{m:<13} {res['median_ms']:>10.1f} {spread:>19} {res['median_ms'] / c['num_steps']:>9.2f} "
-                     f"{res['block_runs']:>5}/{c['full_block_runs']:<5} {bound:>7} {res['peak_rss_mb']:>12.1f} "
+        per_step = res["median_ms"] / (1 if per_call else c["num_steps"])
+        lines.append(f"{m:<18} {res['median_ms']:>10.1f} {spread:>19} {per_step:>9.2f} "
+                     f"{res['block_runs']:>5}/{c['full_block_runs']:<5} {bound:>7} {_f(res['peak_rss_mb'], '12.1f'):>12} "
                      f"{cache:>14}")
+    if per_call:
+        lines.append("per call: one guided transformer call (batch 2) on the step-0 inputs; a delta-dit row's figure "
+                     "is the mean per step over its schedule of one timed full, cache-rear and cache-front call "
+                     "(calls_ms in the JSON)")
     seg_modes = [m for m in ("none", "delta-dit") if m in r["segments"]]
     if seg_modes:
         lines += ["", "per segment (ms per generation, calls), runtime modes:"]
@@ -212,4 +265,57 @@ def format_report(r: dict[str, Any]) -> str:
         f"  delta-dit vs eager (the cache's own approximation) {_f(r['delta_vs_eager_rel_err'], '.2e')}",
         f"  torch-compile vs eager                 {_f(r['compile_vs_eager_rel_err'], '.2e')}",
     ]
+    lines += format_peers(r)
     return "\n".join(lines)
+
+
+def _peer_setup_lines(r: dict[str, Any]) -> list[str]:
+    c, modes = r["config"], r["modes"]
+    out = []
+    if "eager-bf16" in modes:
+        out.append("  eager-bf16: the same model after model.to(torch.bfloat16) (timesteps float32, the sampler fp32)")
+    if any(m.startswith("int8-") for m in modes):
+        out.append(f"  int8-*: the int8 export of the same model ({c.get('int8_engines')}; ONNX Runtime, "
+                   "embed and head fp32)")
+    note = next((modes[m].get("precision_note") for m in ("openvino-none", "openvino-delta-dit") if m in modes), None)
+    if note:
+        out.append(f"  openvino-*: the export's ONNX on {note}")
+    return out
+
+
+def format_peers(r: dict[str, Any]) -> list[str]:
+    """The peer table: every row against fp32 eager and the best peer, its error, and the issue 12 targets."""
+    p = r.get("peers") or {}
+    rows = p.get("rows") or {}
+    if len(rows) < 2:
+        return []
+    unit = "per call" if r["config"].get("per_call") else "per generation"
+    best = p["best_peer"]
+    lines = ["", f"peer table ({unit}; ratios: how many times faster than eager fp32 / than the best peer, the "
+                 f"fastest PyTorch row{f': {best}' if best else ''}):",
+             f"  {'row':<18} {'ms':>10} {'vs eager':>9} {'vs best peer':>13} {'rel. err vs eager':>18} "
+             f"{'peak RSS MB':>12}  what"]
+    for m, row in rows.items():
+        shared = f" (process shared: {row['worker']})" if row.get("worker") else ""
+        lines.append(f"  {m:<18} {row['ms']:>10.1f} {_x2(row['vs_eager']):>9} {_x2(row['vs_best_peer']):>13} "
+                     f"{_f(row['rel_err_vs_eager'], '.2e'):>18} {_f(row['peak_rss_mb'], '12.1f'):>12}  "
+                     f"{row['label']}{shared}")
+    t, goals = p["targets"], p["goals"]
+    lines += ["", f"issue 12 targets (quick config, per generation; {unit} here; printed, never asserted):",
+              f"  best delta-dit row ({p['best_delta'] or '-'}) vs eager-bf16      "
+              f"{_goal(t['best_delta_vs_eager_bf16'], goals['best_delta_vs_eager_bf16'])}",
+              f"  best delta-dit row ({p['best_delta'] or '-'}) vs eager fp32      "
+              f"{_goal(t['best_delta_vs_eager'], goals['best_delta_vs_eager'])}",
+              f"  best none row ({p['best_none'] or '-'}) vs best peer ({best or '-'})  "
+              f"{_goal(t['best_none_vs_best_peer'], goals['best_none_vs_best_peer'])}"]
+    return lines
+
+
+def _x2(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _goal(value, goal: float) -> str:
+    if value is None:
+        return "n/a (rows not run)"
+    return f"{value:.2f}x (target ≥ {goal:g}: {'met' if value >= goal else 'MISSED'})"

@@ -13,6 +13,9 @@ import numpy as np
 from .publish import write_file
 
 TARGETS = {"speedup": 1.5, "accuracy_points": 2.0, "fd_relative": 0.10}
+# The quality gate of a reduced precision (issue 12 §4): against fp32 at the same schedule, class accuracy at
+# most 1 point lower and FD at most 5% higher. A precision that fails it stays off by default for the model.
+GATE = {"accuracy_points": 1.0, "fd_relative": 0.05}
 
 
 def _fmt(v: float | None, spec: str, inf: str = "∞") -> str:
@@ -159,3 +162,63 @@ def _json_default(o):
     if isinstance(o, float) and math.isinf(o):
         return None
     return str(o)
+
+
+def _relative_fd_interval(boot, name: str, ref: str) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of FD(name) / FD(ref) − 1 (same resampled indices for both rows)."""
+    if not boot or name not in boot or ref not in boot:
+        return None
+    lo, hi = np.percentile(boot[name] / boot[ref] - 1, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def gate_check(row: dict[str, Any], ref: dict[str, Any], boot=None) -> dict[str, Any]:
+    """One comparison of the gate: ``row`` against ``ref`` (fp32 at the same schedule)."""
+    gap = 100 * (ref["accuracy"] - row["accuracy"])  # points lost (negative: gained)
+    fd_rel = row["fd"] / ref["fd"] - 1 if ref["fd"] > 0 else float("inf")
+    interval = _relative_fd_interval(boot, row["name"], ref["name"])
+    return {"row": row["name"], "reference": ref["name"], "accuracy": row["accuracy"],
+            "reference_accuracy": ref["accuracy"], "accuracy_gap_points": gap,
+            "accuracy_ok": gap <= GATE["accuracy_points"] + 1e-9, "fd": row["fd"], "reference_fd": ref["fd"],
+            "fd_relative": fd_rel, "fd_ok": fd_rel <= GATE["fd_relative"], "fd_relative_interval": interval,
+            "ok": gap <= GATE["accuracy_points"] + 1e-9 and fd_rel <= GATE["fd_relative"]}
+
+
+def precision_gate(rows: dict[str, dict[str, Any]], precision: str, boot=None) -> dict[str, Any] | None:
+    """The gate of ``precision``: its full row against fp32 ``full`` and its delta-dit row against fp32
+    ``delta-dit`` (what the precision changes, at the same schedule). None when its rows did not run.
+    Also, for the record (not gated), its delta-dit row against fp32 full compute."""
+    pairs = [(f"{precision} full", "full"), (f"{precision} delta-dit", "delta-dit")]
+    checks = [gate_check(rows[a], rows[b], boot) for a, b in pairs if a in rows and b in rows]
+    if not checks:
+        return None
+    extra = (gate_check(rows[f"{precision} delta-dit"], rows["full"], boot)
+             if f"{precision} delta-dit" in rows and "full" in rows else None)
+    return {"precision": precision, "passed": all(c["ok"] for c in checks) and len(checks) == len(pairs),
+            "complete": len(checks) == len(pairs), "checks": checks, "delta_vs_fp32_full": extra, "gate": GATE}
+
+
+def _check_text(c: dict[str, Any], judged: bool = True) -> str:
+    iv = c["fd_relative_interval"]
+    interval = "" if iv is None else f", paired-bootstrap 95% interval [{100 * iv[0]:+.1f}%, {100 * iv[1]:+.1f}%]"
+    if judged and iv is not None and iv[0] <= GATE["fd_relative"] < iv[1]:
+        interval += " (straddles the limit)"
+    acc_limit = f", limit −{GATE['accuracy_points']:g}: {'ok' if c['accuracy_ok'] else 'FAILED'}" if judged else ""
+    fd_limit = f", limit +{100 * GATE['fd_relative']:g}%" if judged else ""
+    fd_word = f": {'ok' if c['fd_ok'] else 'FAILED'}" if judged else ""
+    return (f"{c['row']} vs fp32 {c['reference']}: accuracy {100 * c['accuracy']:.1f}% vs "
+            f"{100 * c['reference_accuracy']:.1f}% ({0.0 - c['accuracy_gap_points'] + 0.0:+.1f} points{acc_limit}), FD "
+            f"{c['fd']:.2f} vs {c['reference_fd']:.2f} ({100 * c['fd_relative']:+.1f}%{fd_limit}{interval}{fd_word})")
+
+
+def gate_lines(gate: dict[str, Any] | None, precision: str, missing: str | None = None) -> list[str]:
+    """The verdict line of one precision, then one line per comparison."""
+    if gate is None:
+        return [f"precision gate {precision}: NOT MEASURED ({missing or 'its rows did not run'})"]
+    verdict = "PASSED" if gate["passed"] else ("INCOMPLETE" if not gate["complete"] else "FAILED")
+    lines = [f"precision gate {precision}: {verdict} (accuracy within {GATE['accuracy_points']:g} point and FD within "
+             f"+{100 * GATE['fd_relative']:g}% of fp32 at the same schedule)"]
+    lines += [f"  {_check_text(c)}" for c in gate["checks"]]
+    if gate["delta_vs_fp32_full"] is not None:
+        lines.append(f"  for the record (not gated): {_check_text(gate['delta_vs_fp32_full'], judged=False)}")
+    return lines

@@ -34,14 +34,18 @@ class RowSpec:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     chunk: int | None = None  # images per call (None: the engines' maximum)
     note: str = ""
+    precision: str = "fp32"  # runtime rows: fp32 (the export), int8 (its int8 export) or bf16 (OpenVINO, bf16)
 
     @property
     def reference(self) -> str:
         return "full" if self.engine == "runtime" else "pytorch full"
 
     def key(self) -> dict[str, Any]:
-        return {"name": self.name, "engine": self.engine, "num_steps": self.num_steps, "policy": self.policy,
-                "hook": self.hook, "params": self.params, "chunk": self.chunk}
+        key = {"name": self.name, "engine": self.engine, "num_steps": self.num_steps, "policy": self.policy,
+               "hook": self.hook, "params": self.params, "chunk": self.chunk}
+        if self.precision != "fp32":  # fp32 rows keep the keys (and cached samples) they had before precisions
+            key["precision"] = self.precision
+        return key
 
 
 def runtime_rows(runtime, num_steps: int) -> list[RowSpec]:
@@ -60,6 +64,78 @@ def runtime_rows(runtime, num_steps: int) -> list[RowSpec]:
     return rows
 
 
+PRECISIONS = ("int8", "bf16")
+PRECISION_ENGINES = {
+    "int8": "the int8 export of the same model (ONNX Runtime dynamic quantization of the block MatMuls; embed and "
+            "head fp32), next to the eval export",
+    "bf16": "the eval export's fp32 ONNX on OpenVINO with bf16 inference precision",
+}
+
+
+def parse_precisions(value: str) -> tuple[str, ...]:
+    """``--precisions``: a comma-separated subset of int8,bf16, or none."""
+    import click
+
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if names in ((), ("none",)):
+        return ()
+    bad = [n for n in names if n not in PRECISIONS]
+    if bad:
+        raise click.BadParameter(f"{','.join(bad)}: expected none or a comma-separated subset of "
+                                 f"{','.join(PRECISIONS)}", param_hint="'--precisions'")
+    return tuple(p for p in PRECISIONS if p in names)
+
+
+def precision_rows(num_steps: int, precisions: tuple[str, ...]) -> list[RowSpec]:
+    """Full compute and delta-dit on each reduced-precision engine set (the quality gate's rows)."""
+    return [RowSpec(f"{p} {policy}", "runtime", num_steps, "none" if policy == "full" else policy, precision=p,
+                    note=PRECISION_ENGINES[p]) for p in precisions for policy in ("full", "delta-dit")]
+
+
+def open_precision_runtimes(folder: Path, precisions: tuple[str, ...], threads: int, trust_artifacts: bool = False,
+                            quiet_progress: bool = True, weights: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Runtimes of the reduced-precision engine sets: ({precision: runtime}, {precision: why it is left out}).
+
+    int8: the int8 export of the eval export (``variants.export_options_like``), exported next to it once and
+    reused. bf16: the eval export on OpenVINO with ``inference_precision="bf16"``; left out (with the reason)
+    when OpenVINO is not installed or the CPU has no bf16 instructions: never fp32 under a bf16 name."""
+    import sys
+
+    from runtime import DeltaDiTRuntime
+    from runtime.backends import BackendError
+
+    from .exporter import export
+    from .progress import Progress
+    from .variants import export_options_like, sibling_folder
+
+    runtimes: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for p in precisions:
+        if p == "int8":
+            out = sibling_folder(folder, "int8")
+            log.info("int8 rows: the int8 export of the same model at %s (exported once, reused)", out)
+            named = {"weights": weights} if weights else {}  # a local source only from a folder the user names
+            res = export(export_options_like(folder, precision="int8", out=str(out), force=False, **named),
+                         Progress(stream=sys.stderr, quiet=quiet_progress))
+            runtimes[p] = DeltaDiTRuntime(res.out, backend="onnxruntime", threads=threads)
+        elif p == "bf16":
+            try:
+                runtimes[p] = DeltaDiTRuntime(folder, backend="openvino", threads=threads, inference_precision="bf16",
+                                              trust_artifacts=trust_artifacts)
+            except BackendError as exc:
+                missing[p] = str(exc)
+                log.warning("bf16 rows left out: %s", exc)
+        else:
+            raise ValueError(f"unknown precision {p!r}: expected one of {', '.join(PRECISIONS)}")
+    return runtimes, missing
+
+
+def engines_key(runtime) -> dict[str, Any]:
+    """What a runtime's samples depend on besides the inputs: its segment files, backend and its precision."""
+    return {"segments": [s.sha256 for s in runtime.manifest.segments], "backend": runtime.backend.name,
+            "backend_note": getattr(runtime.backend, "precision_note", None)}
+
+
 @dataclasses.dataclass
 class EvalSetup:
     runtime: Any
@@ -75,12 +151,19 @@ class EvalSetup:
     cache_dir: Path | None
     fingerprint: str
     weights: str | None = None  # --weights DIR of the PyTorch rows' timing workers (rebuild.py)
+    runtimes: dict[str, Any] = dataclasses.field(default_factory=dict)  # reduced-precision runtimes, by precision
+
+    def runtime_of(self, row: RowSpec):
+        return self.runtime if row.precision == "fp32" else self.runtimes[row.precision]
 
 
 def _row_cache_path(setup: EvalSetup, row: RowSpec) -> Path | None:
     if setup.cache_dir is None:
         return None
-    key = json.dumps({"row": row.key(), "fp": setup.fingerprint}, sort_keys=True, default=str)
+    material = {"row": row.key(), "fp": setup.fingerprint}
+    if row.precision != "fp32":
+        material["engines"] = engines_key(setup.runtime_of(row))
+    key = json.dumps(material, sort_keys=True, default=str)
     return setup.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
 
 
@@ -94,8 +177,9 @@ def generate_row(setup: EvalSetup, row: RowSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     macs = 0
     if row.engine == "runtime":
-        schedule = setup.runtime.schedule(row.policy, num_steps=row.num_steps)
-        samples = runtime_generate(setup.runtime, schedule, setup.embeds, setup.mask, setup.negative, setup.noise,
+        runtime = setup.runtime_of(row)
+        schedule = runtime.schedule(row.policy, num_steps=row.num_steps)
+        samples = runtime_generate(runtime, schedule, setup.embeds, setup.mask, setup.negative, setup.noise,
                                    guidance_scale=setup.guidance, chunk=row.chunk, desc=row.name)
     else:
         model = setup.torch_model_factory()
@@ -131,8 +215,12 @@ def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
     out = []
     for row in rows:
         if row.engine == "runtime":
-            out.append(sample_rows.runtime(row.name, engines, row.policy, row.num_steps, inputs, setup.guidance,
-                                           setup.runtime.trust_artifacts))
+            rt = setup.runtime_of(row)
+            options = {"inference_precision": "bf16"} if row.precision == "bf16" else {}
+            out.append(sample_rows.runtime(row.name, rt.manifest.root, row.policy, row.num_steps, inputs,
+                                           setup.guidance, setup.runtime.trust_artifacts,
+                                           backend=rt.backend.name if row.precision != "fp32" else "auto",
+                                           backend_options=options))
         else:
             out.append(sample_rows.eager(row.name, engines, row.num_steps, inputs, setup.guidance, hook=row.hook,
                                          params=row.params, weights=setup.weights))

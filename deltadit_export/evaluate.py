@@ -59,8 +59,11 @@ from .eval_hooks import HOOK_ROWS
 from .eval_metrics import (
     CLASSIFIER_SEED, bootstrap_fd, feature_stats, frechet_distance_from_stats, reference_classifier,
 )
-from .eval_report import _cpu_name, _finite, _json_default, format_table, plot, verdicts
-from .eval_rows import EVAL_MAX_BATCH, EvalSetup, RowSpec, generate_row, runtime_rows, timing_rows
+from .eval_report import _cpu_name, _finite, _json_default, format_table, gate_lines, plot, precision_gate, verdicts
+from .eval_rows import (
+    EVAL_MAX_BATCH, EvalSetup, RowSpec, generate_row, open_precision_runtimes, parse_precisions, precision_rows,
+    runtime_rows, timing_rows,
+)
 from .eval_tuning import tune_hooks
 from .imaging import comparison_image, grid_image, max_abs, psnr, save_png, to_uint8
 from .publish import write_file
@@ -88,6 +91,10 @@ DEFAULT_OUT = Path("docs") / "quality"
 @click.option("--rows", "only", default=None,
               help="Comma-separated subset of rows (e.g. full,delta-dit,FirstBlockCache); full rows always run.")
 @click.option("--no-hooks", is_flag=True, help="Skip the diffusers cache-hook rows.")
+@click.option("--precisions", default="int8,bf16", show_default=True,
+              help="Reduced-precision rows (full and delta-dit each) and their quality gate: int8 (the int8 export "
+                   "of the same model, made next to the eval export), bf16 (OpenVINO, bf16 inference); none: "
+                   "no such rows.")
 @click.option("--tuning-images", type=int, default=10, show_default=True,
               help="Images (other noise than the eval's) on which hook thresholds are chosen.")
 @click.option("--out", type=click.Path(file_okay=False), default=str(DEFAULT_OUT), show_default=True,
@@ -103,12 +110,15 @@ DEFAULT_OUT = Path("docs") / "quality"
 @verbosity_options
 @version_option
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,
-         tuning_images, out, work, trust_artifacts, weights):
+         precisions, tuning_images, out, work, trust_artifacts, weights):
     """Measure Δ-DiT's quality and speed on pixart-digits against full compute, fewer steps and other caches."""
     from runtime.schedule import ScheduleError
 
     from .digits import load_digit_split
 
+    from .cli import user_errors
+
+    wanted_precisions = parse_precisions(precisions)
     t_start = time.perf_counter()
     torch.set_grad_enabled(False)
     threads = threads or default_threads()
@@ -118,6 +128,11 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     m = runtime.manifest
     setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work, weights)
     digits, guidance = setup.digits, setup.guidance
+    try:
+        setup.runtimes, missing = open_precision_runtimes(folder, wanted_precisions, gen_threads, trust_artifacts,
+                                                          quiet_progress=quiet(), weights=weights)
+    except user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
 
     log.info("training the reference classifier (seed %d) ...", CLASSIFIER_SEED)
     clf = reference_classifier(m.sample_shape[-1])
@@ -129,6 +144,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
 
     try:
         rows, tuning = choose_rows(setup, num_steps, only, no_hooks, tuning_images)
+        rows += precision_rows(num_steps, tuple(p for p in wanted_precisions if p in setup.runtimes))
     except ScheduleError as exc:
         raise click.ClickException(str(exc)) from None
     results, samples, boot = score_rows(setup, rows, clf, ref_stats, num_steps)
@@ -151,6 +167,9 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
              f"{threads} CPU threads")
     figures = write_figures(ordered, samples, samples_per_digit, out_dir, title)
     lines = verdicts(results, boot) if "delta-dit" in results and "full" in results else []
+    gates = {p: precision_gate(results, p, boot) for p in wanted_precisions}
+    for p in wanted_precisions:
+        lines += gate_lines(gates[p], p, missing.get(p))
     report = {
         "model": {"name": m.model["name"], "params": m.model.get("params"), "num_layers": m.num_layers,
                   "cached_blocks": m.cached_blocks, "default_schedule": m.schedule,
@@ -172,6 +191,9 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         "hook_tuning": tuning,
         "rows": ordered,
         "verdicts": lines,
+        "precision_gate": {p: gates[p] if gates[p] is not None else {"precision": p, "passed": None,
+                                                                     "not_measured": missing.get(p)}
+                           for p in wanted_precisions},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     json_path = out_dir / "quality.json"
@@ -288,7 +310,8 @@ def score_rows(setup: EvalSetup, rows: list[RowSpec], clf, ref_stats, num_steps:
         pred = clf.predict(x)
         features[row.name] = clf.features(x)
         results[row.name] = {
-            "name": row.name, "engine": row.engine, "num_steps": row.num_steps, "policy": row.policy,
+            "name": row.name, "engine": row.engine, "precision": row.precision, "num_steps": row.num_steps,
+            "policy": row.policy,
             "hook": row.hook, "params": row.params, "note": row.note, "reference": row.reference,
             "accuracy": float(np.mean(pred == digits)),
             "per_digit_accuracy": [float(np.mean(pred[digits == d] == d)) for d in range(10)],

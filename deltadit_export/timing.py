@@ -21,6 +21,9 @@ A row is a named callable that runs one generation, with its setup (cf. polygrap
 what the row needs and returns a :class:`Runner`. Adding a peer row is one line, e.g.
 ``Row("openvino int8", my_rows.openvino, {"engines": folder})``. ``isolate=True`` gives every row its
 own worker process, so its peak RSS is its own (``deltadit-bench``); otherwise all rows share one.
+Rows that name the same ``worker`` share one process even then (and its peak RSS): two rows on the same
+loaded engines (``deltadit-bench``'s ``none`` and ``delta-dit``) then hold one copy of the weights, and
+their setups can share what they load through :attr:`WorkerContext.shared`.
 
 This module imports no torch at import time: the command-line tools import it (through
 :func:`prefer_passive_wait`) before torch is loaded.
@@ -106,6 +109,7 @@ class Row:
     setup: Callable[..., "Runner"]
     args: dict[str, Any] = field(default_factory=dict)
     optional: bool = False  # a failing setup or warm-up drops the row with a warning instead of failing all
+    worker: str | None = None  # with isolate=True: rows naming the same worker share one process
 
 
 @dataclass
@@ -123,10 +127,12 @@ class Runner:
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """Handed to every setup: the thread count the row must use and a folder for files it leaves."""
+    """Handed to every setup: the thread count the row must use, a folder for files it leaves, and a dict
+    shared by the setups of the rows in this worker process (e.g. one loaded runtime for two rows)."""
 
     threads: int
     out_dir: Path
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,6 +145,7 @@ class RowTiming:
     records: list[Any] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     peak_rss_mb: float | None = None  # isolated rows only: the worker's own peak
+    worker: str | None = None  # isolated rows sharing a process: its name (the peak RSS is the process's)
 
     @property
     def median_ms(self) -> float:
@@ -159,7 +166,7 @@ class RowTiming:
     def to_dict(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "max_ms": self.max_ms,
                 "repeats": len(self.runs_ms), "runs_ms": self.runs_ms, "warmup_ms": self.warmup_ms,
-                "setup_s": self.setup_s, "peak_rss_mb": self.peak_rss_mb, "info": self.info}
+                "setup_s": self.setup_s, "peak_rss_mb": self.peak_rss_mb, "worker": self.worker, "info": self.info}
 
 
 @dataclass
@@ -181,6 +188,10 @@ class Measurement:
     def header(self) -> list[str]:
         """What was set, how it was measured, the load average, and the warning when the machine was busy."""
         procs = "one worker process per row" if self.isolated else "one worker process"
+        shared = sorted({r.worker for r in self.rows.values() if r.worker is not None})
+        if shared:
+            procs = "one worker process per row, " + "; ".join(
+                f"{', '.join(n for n, r in self.rows.items() if r.worker == w)} share one ({w})" for w in shared)
         lines = [f"timing: {self.settings.describe()}; {procs}; {self.warmup} warm-up run(s) of every row before "
                  f"any timed run, then {self.repeats} round-robin rounds; median (min–max) of the rounds",
                  f"load average (1 min): {_load(self.load_before)} before, {_load(self.load_after)} after; "
@@ -315,7 +326,7 @@ def measure(rows: list[Row], *, repeats: int, warmup: int = 1, threads: int | No
                 log.warning("row %r left out: %s", row.name, exc)
                 continue
             events.append(("setup", row.name))
-            live[row.name] = RowTiming(row.name, [], [], seconds, info)
+            live[row.name] = RowTiming(row.name, [], [], seconds, info, worker=row.worker if isolate else None)
         index = {r.name: i for i, r in enumerate(rows)}
         with bar(total=len(live) * (warmup + repeats), desc=desc, unit="run") as progress:
             for name in list(live):
@@ -341,10 +352,11 @@ def measure(rows: list[Row], *, repeats: int, warmup: int = 1, threads: int | No
                     events.append(("run", name))
                     progress.update()
         load_after = load_average()
+        peaks: dict[int, float] = {}  # per process: its peak before the first finish (rows sharing it get one)
         for name, timing in live.items():
             _, final, peak = workers[name].ask("finish", index[name], row=name)
             timing.final = final or {}
-            timing.peak_rss_mb = peak if isolate else None
+            timing.peak_rss_mb = peaks.setdefault(id(workers[name]), peak) if isolate else None
             events.append(("finish", name))
     return Measurement(live, settings, repeats, warmup, isolate, load_before, load_after, events, dropped)
 
@@ -355,9 +367,15 @@ def _workers(rows: list[Row], settings: ThreadSettings, out_dir: Path, isolate: 
     try:
         if isolate:
             workers = {}
+            by_group: dict[str, _Worker] = {}
             for r in rows:
+                if r.worker is not None and r.worker in by_group:
+                    workers[r.name] = by_group[r.worker]
+                    continue
                 workers[r.name] = _Worker(settings, out_dir)
                 started.append(workers[r.name])
+                if r.worker is not None:
+                    by_group[r.worker] = workers[r.name]
         else:
             shared = _Worker(settings, out_dir)
             started.append(shared)

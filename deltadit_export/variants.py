@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from runtime.manifest import Manifest, load_manifest
@@ -60,3 +61,22 @@ def export_options_like(folder: str | os.PathLike | Manifest, **changes: Any) ->
     if options.precision != "int8":
         options = replace(options, **{k: None for k in INT8_ONLY if k not in changes})
     return options
+
+
+def sibling_folder(folder: str | os.PathLike, precision: str) -> Path:
+    """Where a variant of ``folder`` at another precision goes: next to it, the last ``fp32``/``fp16``/``int8`` in
+    its name replaced (``engines/pixart-alpha-256-fp32`` → ``engines/pixart-alpha-256-int8``, the exporter's
+    default folder for that variant, so an earlier ``deltadit export --precision int8`` of the same model is
+    reused), else ``-<precision>`` appended. Never the folder itself."""
+    folder = Path(folder)
+    name = folder.name
+    for token in ("fp32", "fp16", "int8"):
+        at = name.rfind(token)
+        if at >= 0:
+            new = name[:at] + precision + name[at + len(token):]
+            break
+    else:
+        new = f"{name}-{precision}"
+    if new == name:
+        new = f"{name}-{precision}"
+    return folder.parent / new

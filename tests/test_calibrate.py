@@ -185,3 +185,129 @@ def test_explicit_options_are_kept_and_only_the_rest_is_swept():
     assert {s.interval for s in result.sweep} == {2, 3, 4}
     assert (new.cached_blocks, new.boundary) == (3, 2) and new.interval == result.chosen.interval == 4
     assert new.calibration["chosen"]["interval"] == 4 and new.calibration["psnr_budget_db"] == 0.0
+
+
+# ---------------------------------------------------------------- precision in the sweep (--precision int8)
+
+
+def test_int8_block_chain_equals_the_int8_segment_engine(tmp_path):
+    """The sweep runs an int8 segment as the chain of its blocks' int8 sessions. Dynamic quantization acts per
+    MatMul, so that is the exported int8 segment itself: equal bit for bit here (same graphs per block, same
+    kernels; measured equal, so equality is asserted)."""
+    import numpy as np
+
+    from deltadit_export.calibration_int8 import block_inputs_example, export_int8_blocks
+    from deltadit_export.onnx_export import export_segment, ort_session
+    from deltadit_export.quantize import quantize_segment
+    from deltadit_export.split import split_model
+
+    model = tiny_pixart(num_layers=6)
+    inputs = calibration_inputs(get_spec("pixart-alpha"), model, 2)
+    stepper = BlockStepper(model)
+    (tmp_path / "blocks").mkdir()
+    blocks = export_int8_blocks(model, stepper, inputs.cond, inputs.noise, tmp_path / "blocks", threads=1)
+    example = block_inputs_example(stepper, inputs.cond, inputs.noise)
+    middle = next(s for s in split_model(model, Cuts(6, 4), 120) if s.name == "middle")  # blocks 2, 3
+    export_segment(middle, example, tmp_path / "middle.onnx")
+    quantize_segment(tmp_path / "middle.onnx", tmp_path / "middle.int8.onnx")
+    feeds = {n: example[n].numpy() for n in blocks.input_names}
+    whole = ort_session(tmp_path / "middle.int8.onnx", 1).run(["hidden_out"], feeds)[0]
+    args = [example[n] for n in blocks.input_names[1:]]
+    chained = blocks.blocks[3](blocks.blocks[2](example["hidden"], *args), *args).numpy()
+    assert np.array_equal(chained, whole)
+    fp32 = middle.module(*[example[n] for n in blocks.input_names]).numpy()
+    assert np.abs(whole - fp32).max() / np.abs(fp32).max() > 1e-6  # it is int8 (fp32 noise is ~1e-7)
+
+
+def test_estimated_speedup_and_assignments():
+    from deltadit_export.calibration_int8 import assignments, estimated_speedup
+
+    cuts = Cuts(6, 2)  # front [0,2), middle [2,4), rear [4,6)
+    s = DeltaDiTPolicy(interval=3, boundary=6).plan(6, cuts)  # full 0, 3; cache-rear 1, 2, 4, 5
+    assert estimated_speedup(s, (), 0.5) == pytest.approx(s.bound) == pytest.approx(36 / 28)
+    # full steps: 4 fp32 + 2 int8 blocks = 5; cached steps (rear skipped): 4 fp32 → 2·5 + 4·4 = 26
+    assert estimated_speedup(s, ("rear",), 0.5) == pytest.approx(36 / 26)
+    assert estimated_speedup(s, ("front", "middle", "rear"), 0.5) == pytest.approx(36 / 14)
+    all_sets = assignments(cuts, None)
+    assert len(all_sets) == 8 and all_sets[0] == ("front", "middle", "rear") and all_sets[-1] == ()
+    assert assignments(Cuts(6, 3), None) == [("front", "rear"), ("front",), ("rear",), ()]  # no middle at L/2
+    assert assignments(cuts, ("rear", "middle")) == [("middle", "rear")]
+
+
+@pytest.fixture(scope="module")
+def identity_rear_model(tmp_path_factory):
+    """The known-answer model of test_calibration_picks_the_known_best_setting (blocks 4, 5 exact identities),
+    with every block's int8 session."""
+    from deltadit_export.calibration_int8 import export_int8_blocks
+
+    torch.set_num_threads(1)
+    model = tiny_pixart(num_layers=6, seed=3)
+    with torch.no_grad():
+        for block in model.transformer_blocks[4:]:
+            make_identity(block)
+    inputs = calibration_inputs(get_spec("pixart-alpha"), model, 2, seed=0)
+    blocks = export_int8_blocks(model, BlockStepper(model), inputs.cond, inputs.noise,
+                                tmp_path_factory.mktemp("int8-blocks"), threads=1)
+    return model, inputs, blocks
+
+
+def test_calibration_with_precision_picks_the_known_best_setting(identity_rear_model):
+    """Known answer: blocks 4 and 5 are exact identities in fp32 and in int8 (their output projections are
+    zero, so every quantized product there is exactly 0: measured equal); every other block's int8 version is
+    inexact (~5e-3 per block). At 150 dB (above fp32 round-off, see the fp32 test) exactly the bit-exact settings
+    pass: N_c ≤ 2, b = T, with int8 only on the rear segment (the identity blocks) or nowhere. With int8 blocks
+    at half the cost of fp32 ones, the fastest is N = 3, N_c = 2, b = T with the rear in int8: estimated
+    36 / (2·(4 + 2·0.5) + 4·4) = 1.385× against 1.286× for the same schedule in fp32."""
+    from deltadit_export.calibration_int8 import block_inputs_example
+
+    model, inputs, blocks = identity_rear_model
+    T = 6
+    args = [block_inputs_example(BlockStepper(model), inputs.cond, inputs.noise)[n] for n in blocks.input_names]
+    assert torch.equal(blocks.blocks[4](*args), args[0]) and not torch.equal(blocks.blocks[0](*args), args[0])
+    result = calibrate(model, inputs, SCHED, num_steps=T, psnr_budget=150.0, intervals=(2, 3), pixel_space=False,
+                       int8=blocks, int8_cost=0.5)
+    c = result.chosen
+    assert (c.interval, c.cached_blocks, c.boundary, c.int8) == (3, 2, T, ("rear",))
+    assert math.isinf(c.psnr_min) and c.speedup == pytest.approx(36 / 26)
+    for s in result.sweep:  # every int8 set touching an inexact block fails the budget
+        if set(s.int8) - {"rear"} or (s.int8 and s.cached_blocks != 2):
+            assert s.psnr_min < 150.0, s
+    assert result.precision == {"int8_cost": 0.5}
+    d = result.to_dict()
+    assert d["chosen"]["int8"] == ["rear"] and "int8/fp32 per block segment" in d["method"]
+    assert "rear" in result.summary() and "← chosen" in result.summary()
+    # int8 slower than fp32 (cost 2): the same schedule is chosen, all in fp32.
+    slow = calibrate(model, inputs, SCHED, num_steps=T, psnr_budget=150.0, intervals=(2, 3), pixel_space=False,
+                     int8=blocks, int8_cost=2.0, cached_blocks=(2,))
+    assert (slow.chosen.interval, slow.chosen.cached_blocks, slow.chosen.int8) == (3, 2, ())
+
+
+def test_calibration_with_fixed_int8_segments_sweeps_only_the_schedule(identity_rear_model):
+    model, inputs, blocks = identity_rear_model
+    result = calibrate(model, inputs, SCHED, num_steps=6, psnr_budget=0.0, intervals=(2,), cached_blocks=(2, 4),
+                       boundaries=(3,), pixel_space=False, int8=blocks, int8_cost=0.5, fixed_int8=("middle",))
+    assert {s.int8 for s in result.sweep} == {("middle",)}
+
+
+@pytest.mark.slow
+def test_export_calibrate_int8_keeps_the_chosen_fp32_segments(tmp_path):
+    """The CLI path: --precision int8 --calibrate measures the int8 cost, sweeps precision with the schedule, and
+    the export keeps in fp32 exactly the block segments the calibration left in fp32 (plus embed and head)."""
+    from deltadit_export.cli import main
+    from runtime.manifest import load_manifest
+
+    out = tmp_path / "cal-int8"
+    res = CliRunner().invoke(main, [
+        "--model", "pixart-alpha", "--random-weights", "--resolution", str(TINY_RESOLUTION), *set_args(TINY_PIXART_SET),
+        "--steps", "4", "-q", "--calibrate", "--psnr-budget", "20", "--calibrate-prompts", "1", "--cached-blocks", "4",
+        "--precision", "int8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out)
+    cal = m.calibration
+    chosen = cal["chosen"]
+    assert cal["precision"]["int8_cost"] > 0 and cal["precision"]["fixed"] is False
+    assert {s["cached_blocks"] for s in cal["sweep"]} == {4}
+    int8_segments = {s.name for s in m.segments if s.precision == "int8"}
+    assert int8_segments == set(chosen["int8"])
+    assert m.segment_precisions["embed"] == m.segment_precisions["head"] == "fp32"
+    assert "int8 blocks cost" in res.output

@@ -161,7 +161,7 @@ def test_eval_smoke_on_the_shipped_model(readme_run, tmp_path):
     assert res.exit_code == 0, res.output
     out = CliRunner().invoke(main, ["--engines", str(root / "engines" / "pixart-digits-16-fp32"),
                                     "--samples-per-digit", "1", "--repeats", "1", "--rows", "TaylorSeer",
-                                    "--threads", "1",
+                                    "--threads", "1", "--precisions", "none",
                                     "--out", str(tmp_path), "--work", ""])
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "quality.json").read_text())
