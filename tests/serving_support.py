@@ -80,6 +80,21 @@ def reference_alone(folder, seeds, *, guidance: float = GUIDANCE, steps: int = S
     return out
 
 
+def states_alone(folder, *, seed: int, steps: int, guidance: float, prompt_embeds, prompt_mask=None,
+                 negative_embeds=None, negative_mask=None) -> torch.Tensor:
+    """One caption-states image [C, H, W] through runtime.generate directly (not the serving code), its noise from
+    torch.Generator(seed); arrays are one image's ([tokens, channels], [tokens])."""
+    from runtime import DeltaDiTRuntime
+    from runtime.sampling import generate
+
+    rt = DeltaDiTRuntime(folder, backend="onnxruntime", threads=1)
+    t = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.float32))[None]  # noqa: E731
+    noise = torch.randn((1, *rt.manifest.sample_shape), generator=torch.Generator().manual_seed(seed))
+    return generate(rt, prompt_embeds=t(prompt_embeds), prompt_mask=t(prompt_mask),
+                    negative_embeds=t(negative_embeds), negative_mask=t(negative_mask), guidance_scale=guidance,
+                    num_steps=steps, latents=noise).latents[0]
+
+
 def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 

@@ -10,7 +10,7 @@ import torch
 from runtime.serving.batching import BatchExecutor
 from runtime.serving.images import sample_to_png, to_uint8
 from runtime.serving.schema import ImageRequest, parse_json_request
-from serving_support import GUIDANCE, PROMPT, decode_png, reference_alone, reference_png
+from serving_support import GUIDANCE, PROMPT, decode_png, reference_alone, reference_png, states_alone
 
 SEEDS = list(range(7))
 
@@ -81,16 +81,54 @@ def test_other_conditioning_batched_equals_alone(kind, dit_export, pixart_export
     if kind == "dit":
         images = [ImageRequest(seed=s, steps=4, guidance=4.0, policy="delta-dit", class_label=c)
                   for s, c in [(1, 207), (2, 3), (3, 999)]]
-    else:
+    else:  # every image brings its own unconditional states (a server without a text encoder cannot make them)
         images = [ImageRequest(seed=s, steps=4, guidance=4.0, policy="delta-dit",
                                prompt_embeds=rng.standard_normal((120, 24)).astype(np.float32),
-                               prompt_mask=(np.arange(120) < 10 * s).astype(np.float32)) for s in (1, 2, 3)]
+                               prompt_mask=(np.arange(120) < 10 * s).astype(np.float32),
+                               negative_embeds=rng.standard_normal((120, 24)).astype(np.float32),
+                               negative_mask=(np.arange(120) < 5 * s).astype(np.float32)) for s in (1, 2, 3)]
     together = ex.run(images)
     assert all(r.batch_images == 3 for r in together)
     for image, result in zip(images, together):
         (single,) = ex.run([image])
         assert torch.equal(result.sample, single.sample)
     assert not torch.equal(together[0].sample, together[1].sample)
+
+
+def _pixart_alone(folder, image: ImageRequest) -> torch.Tensor:
+    return states_alone(folder, seed=image.seed, steps=image.steps, guidance=image.guidance,
+                        prompt_embeds=image.prompt_embeds, prompt_mask=image.prompt_mask,
+                        negative_embeds=image.negative_embeds, negative_mask=image.negative_mask)
+
+
+def test_caption_states_requests_use_their_own_negatives(pixart_export, one_torch_thread):
+    """JSON requests carrying negatives (one shared, or one per image) give exactly runtime.generate's latents for
+    the same states, batched or not; another negative gives another image; a guided image without one is refused."""
+    from runtime.executor import InputError
+
+    ex = BatchExecutor.from_folder(pixart_export, threads=1)
+    ex.warmup()  # the warm-up of a caption-states server runs (it brings its own stand-in negatives)
+    rng = np.random.default_rng(5)
+    states = [rng.standard_normal((120, 24)).astype(np.float32) for _ in range(4)]
+    empty = rng.standard_normal((120, 24)).astype(np.float32)  # stands in for the encoder's embedding of ""
+    shared = parse_json_request({"prompt_embeds": [s.tolist() for s in states[:3]], "negative_embeds": empty.tolist(),
+                                 "seed": 11, "steps": 4, "guidance": 4.0, "output": "latents"}, ex.limits)
+    each = parse_json_request({"prompt_embeds": [states[0].tolist(), states[3].tolist()],
+                               "negative_embeds": [states[3].tolist(), empty.tolist()], "negative_mask": [
+                                   [1.0] * 30 + [0.0] * 90, [1.0] * 120], "seed": [11, 14], "steps": 4,
+                               "guidance": 4.0, "output": "latents"}, ex.limits)
+    results = ex.run(shared.images + each.images)
+    assert [r.batch_images for r in results] == [4, 4, 4, 4, 1]  # one generation of 4, then the fifth alone
+    for image, result in zip(shared.images + each.images, results):
+        assert torch.equal(result.sample, _pixart_alone(pixart_export, image)), f"seed {image.seed}"
+    # Same seed and caption states, another negative: another image (the request's negative is the one used).
+    assert not torch.equal(results[0].sample, results[3].sample)
+
+    bare = ImageRequest(seed=0, steps=4, guidance=4.0, policy="delta-dit", prompt_embeds=states[0])
+    with pytest.raises(InputError, match="pass negative_embeds"):
+        ex.run([bare])
+    (unguided,) = ex.run([ImageRequest(seed=0, steps=4, guidance=1.0, policy="delta-dit", prompt_embeds=states[0])])
+    assert torch.isfinite(unguided.sample).all()
 
 
 def test_a_failing_generation_fails_only_its_own_images(executor, alone, monkeypatch):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -71,3 +74,50 @@ def test_python_dash_m_entry_point():
     assert run.returncode == 0
     for command in ("triton-repo", "triton", "ray", "load-test", "bench"):
         assert command in run.stdout
+
+
+COMMANDS = ("triton-repo", "triton", "ray", "load-test", "bench")
+
+
+def test_every_command_takes_h_and_version():
+    from deltadit_export.command import deltadit
+
+    runner = CliRunner()
+    for args in [[], *([c] for c in COMMANDS)]:
+        for group, prefix, prog in ((serve, [], "python -m runtime.serving"), (deltadit, ["serve"], "deltadit")):
+            shown = runner.invoke(group, [*prefix, *args, "-h"], prog_name=prog)
+            assert shown.exit_code == 0 and "Usage:" in shown.output and "--version" in shown.output, (args, shown.output)
+            versioned = runner.invoke(group, [*prefix, *args, "--version"], prog_name=prog)
+            assert (versioned.exit_code, versioned.output) == (0, f"{prog} {version('deltadit')}\n"), args
+
+
+def _readme_serve_commands() -> list[list[str]]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("## Serving")
+    section = readme[start:readme.index("\n## ", start)]
+    lines = [line.strip() for line in section.splitlines() if line.strip().startswith("deltadit serve ")]
+    return [shlex.split(line, comments=True) for line in lines]
+
+
+def test_readme_serve_commands_work_as_written(digits_export, tmp_path, monkeypatch):
+    """Each `deltadit serve ...` line of the README's Serving section, through the `deltadit` group: triton-repo
+    runs (on the shipped model at the README's path); the servers and the load test are parsed with every option
+    and value as written (they run for real in test_serving_triton.py / test_serving_ray.py)."""
+    from deltadit_export import command
+
+    commands = _readme_serve_commands()
+    assert {args[2] for args in commands} == {"triton-repo", "triton", "ray", "load-test"}
+    assert command.load_subcommand("serve") is serve  # `deltadit serve` is this group
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "pixart-digits-16-fp32").symlink_to(digits_export)
+    for args in commands:
+        assert args[:2] == ["deltadit", "serve"], args
+        if args[2] == "triton-repo":
+            result = CliRunner().invoke(command.deltadit, args[1:], prog_name="deltadit")
+            assert result.exit_code == 0, (args, result.output)
+            assert (tmp_path / "model_repository" / "deltadit" / "config.pbtxt").is_file()
+            continue
+        sub = serve.get_command(None, args[2])
+        with sub.make_context(args[2], args[3:]) as ctx:  # every option name, type and range checked
+            assert ctx.params, args

@@ -162,6 +162,51 @@ def test_load_test_command_against_ray(ray_server, tmp_path):
     assert (result["ok"], result["errors"]) == (6, 0) and result["mean_batch"] >= 1
 
 
+def _asgi_post(handler, payload: dict):
+    """POST a JSON body straight to the deployment's handler (a starlette Request, as Serve's proxy hands it over)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    body = json.dumps(payload).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "root_path": "", "scheme": "http",
+             "server": ("127.0.0.1", 8000), "headers": [(b"content-length", str(len(body)).encode())]}
+    return asyncio.run(handler(Request(scope, receive)))
+
+
+def test_caption_states_model_needs_negatives(pixart_export, one_torch_thread):
+    """The deployment's handler on a model without a text encoder, in this process (no Ray cluster: starting a
+    second one costs a minute): a guided request without the unconditional states gets 400 naming them; with them
+    the latents are exactly runtime.generate's."""
+    require_ray()
+    import numpy as np
+
+    from runtime.serving.ray_app import DeltaDiTServer
+    from serving_support import states_alone
+
+    handler = DeltaDiTServer.func_or_class(str(pixart_export), {"threads": 1, "batching": False})
+    rng = np.random.default_rng(3)
+    states, negative = (rng.standard_normal((120, 24)).astype(np.float32) for _ in range(2))
+    request = {"prompt_embeds": states.tolist(), "seed": 5, "steps": 4, "output": "latents"}
+    refused = _asgi_post(handler, request)
+    error = json.loads(refused.body)
+    assert refused.status_code == 400 and error["field"] == "negative_embeds"
+    assert "pass 'negative_embeds'" in error["error"] and "'guidance' ≤ 1" in error["error"]
+    mask = [1.0] * 30 + [0.0] * 90
+    reply = _asgi_post(handler, request | {"negative_embeds": negative.tolist(), "negative_mask": mask})
+    assert reply.status_code == 200, reply.body[:300]
+    guidance = handler.limits.default_guidance  # the request names none: the model's, from the manifest
+    assert guidance > 1
+    expected = states_alone(pixart_export, seed=5, steps=4, guidance=guidance, prompt_embeds=states,
+                            negative_embeds=negative, negative_mask=mask)
+    assert json.loads(reply.body)["latents"] == [expected.tolist()]
+    assert _asgi_post(handler, request | {"guidance": 1.0}).status_code == 200  # no guidance: no negative needed
+
+
 def test_graceful_shutdown(ray_server):
     """SIGTERM: `serve ray` shuts Serve and Ray down and exits 0. Runs last in this module."""
     ray_server.process.send_signal(signal.SIGTERM)  # to the server alone, as a service manager does

@@ -65,6 +65,7 @@ BAD_JSON = [
     ({"prompt": ["x"] * 9, "guidance": 1.0, "output": "base64"}, "prompt", ["9 images", "at most 8"]),
     ({"prompt": "x" * (1 << 20)}, "prompt", ["1048576 characters", "at most 2000"]),
     ({"prompt": "x", "guidence": 3}, "guidence", ["unknown field", "guidance"]),
+    ({"prompt": "x", "negative_embeds": [[0.0]]}, "negative_embeds", ["unknown field"]),  # its encoder makes it
     ({"prompt": ["a", "b"]}, "output", ["returns one image", "base64"]),
     ({"prompt": ["a", "b"], "seed": [1], "output": "base64"}, "seed", ["one seed per image"]),
     (["a handwritten digit 7"], "body", ["JSON object"]),
@@ -83,12 +84,13 @@ def test_bad_json_requests_name_the_field_and_the_fix(digits_limits, payload, fi
 def test_other_conditioning_kinds(pixart_export, dit_export):
     pixart = Limits.from_manifest(load_manifest(pixart_export), text_encoder=False)
     embeds = np.zeros((120, 24)).tolist()
-    parsed = parse_json_request({"prompt_embeds": [embeds, embeds], "seed": [1, 2], "output": "latents"}, pixart)
+    parsed = parse_json_request({"prompt_embeds": [embeds, embeds], "negative_embeds": embeds, "seed": [1, 2],
+                                 "output": "latents"}, pixart)
     assert len(parsed.images) == 2 and parsed.images[0].prompt_embeds.shape == (120, 24)
     for payload, field, word in [
         ({"prompt": "a fox", "output": "latents"}, "prompt", "unknown field"),
         ({"prompt_embeds": np.zeros((119, 24)).tolist(), "output": "latents"}, "prompt_embeds", "[120, 24]"),
-        ({"prompt_embeds": embeds}, "output", "latents"),  # no PNG without the model's VAE
+        ({"prompt_embeds": embeds, "guidance": 1}, "output", "latents"),  # no PNG without the model's VAE
         ({"prompt_embeds": embeds, "prompt_mask": [[1.0] * 120] * 2, "output": "latents"}, "prompt_mask", "expected [120]"),
     ]:
         with pytest.raises(RequestError) as info:
@@ -100,6 +102,89 @@ def test_other_conditioning_kinds(pixart_export, dit_export):
         with pytest.raises(RequestError) as info:
             parse_json_request({"class_label": bad, "output": "latents"}, dit)
         assert info.value.field == "class_label" and "0..999" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def pixart_limits(pixart_export) -> Limits:
+    return Limits.from_manifest(load_manifest(pixart_export), text_encoder=False)
+
+
+def _states(seed: int, shape=(120, 24)) -> list:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32).tolist()
+
+
+def test_caption_states_carry_their_negatives_per_image(pixart_limits):
+    a, b, neg_a, neg_b = _states(1), _states(2), _states(3), _states(4)
+    mask = [1.0] * 10 + [0.0] * 110
+    # One negative (and mask) for every image: the usual case, the embedding of "".
+    shared = parse_json_request({"prompt_embeds": [a, b], "negative_embeds": neg_a, "negative_mask": mask,
+                                 "output": "latents"}, pixart_limits).images
+    assert all(np.array_equal(im.negative_embeds, np.float32(neg_a)) for im in shared)
+    assert all(np.array_equal(im.negative_mask, np.float32(mask)) for im in shared)
+    each = parse_json_request({"prompt_embeds": [a, b], "negative_embeds": [neg_a, neg_b], "guidance": 2,
+                               "output": "latents"}, pixart_limits).images
+    assert [im.negative_embeds[0, 0] for im in each] == [np.float32(neg_a[0][0]), np.float32(neg_b[0][0])]
+    assert each[0].negative_mask is None  # all tokens kept (runtime.generate's default)
+    (one,) = parse_json_request({"prompt_embeds": a, "negative_embeds": neg_b, "output": "latents"},
+                                pixart_limits).images
+    assert np.array_equal(one.negative_embeds, np.float32(neg_b))
+    # Without guidance no unconditional half is computed, so none is needed.
+    (unguided,) = parse_json_request({"prompt_embeds": a, "guidance": 1.0, "output": "latents"}, pixart_limits).images
+    assert unguided.negative_embeds is None
+
+
+NEGATIVE_JSON = [
+    # (payload, field, words the message must hold)
+    ({}, "negative_embeds", ["guidance 4.5 needs the unconditional half", "no text encoder", "pass 'negative_embeds'",
+                             "'guidance' ≤ 1"]),
+    ({"guidance": 2.0}, "negative_embeds", ["guidance 2 needs"]),
+    ({"negative_embeds": np.zeros((120, 23)).tolist()}, "negative_embeds", ["has shape [120, 23]", "[120, 24]"]),
+    ({"negative_embeds": [[[0.0] * 24] * 120] * 3}, "negative_embeds", ["3 entries for 2 images"]),
+    ({"negative_embeds": np.full((120, 24), np.nan).tolist()}, "negative_embeds", ["NaN"]),
+    ({"negative_embeds": "empty"}, "negative_embeds", ["must be numbers"]),
+    ({"negative_embeds": np.zeros((120, 24)).tolist(), "negative_mask": [1.0] * 7}, "negative_mask",
+     ["expected [120]"]),
+    ({"negative_mask": [1.0] * 120, "guidance": 1.0}, "negative_mask", ["without 'negative_embeds'"]),
+]
+
+
+@pytest.mark.parametrize("extra, field, words", NEGATIVE_JSON, ids=[f"{i}-{c[1]}" for i, c in enumerate(NEGATIVE_JSON)])
+def test_bad_negatives_name_the_field_and_the_fix(pixart_limits, extra, field, words):
+    payload = {"prompt_embeds": [_states(1), _states(2)], "output": "latents"} | extra
+    with pytest.raises(RequestError) as info:
+        parse_json_request(payload, pixart_limits)
+    assert info.value.field == field
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_triton_tensors_carry_negatives(pixart_limits):
+    names = [s["name"] for s in input_specs(pixart_limits)]
+    assert names[:4] == ["prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask"]
+    assert [s["optional"] for s in input_specs(pixart_limits)[:4]] == [False, True, True, True]
+    embeds, negatives = np.float32([_states(1), _states(2)]), np.float32([_states(3), _states(4)])
+    mask = np.ones((2, 120), np.float32)
+    mask[1, 50:] = 0
+    a, b = parse_tensors({"prompt_embeds": embeds, "negative_embeds": negatives, "negative_mask": mask,
+                          "guidance": np.array([[4.0], [1.0]], np.float32)}, pixart_limits)
+    assert np.array_equal(a.negative_embeds, negatives[0]) and np.array_equal(b.negative_embeds, negatives[1])
+    assert np.array_equal(b.negative_mask, mask[1]) and a.prompt_mask is None
+    # Rows without guidance need no negatives; a guided row without them is refused, naming the input and the fix.
+    unguided = parse_tensors({"prompt_embeds": embeds, "guidance": np.array([[1.0], [0.0]], np.float32)},
+                             pixart_limits)
+    assert all(im.negative_embeds is None for im in unguided)
+    for inputs, field, word in [
+        ({"guidance": np.array([[1.0], [3.0]], np.float32)}, "negative_embeds", "pass 'negative_embeds'"),
+        ({}, "negative_embeds", "guidance 4.5 needs"),
+        ({"negative_embeds": negatives[:1]}, "negative_embeds", "1 rows for 2 images"),
+        ({"negative_embeds": negatives[:, :, :20]}, "negative_embeds", "expected [120, 24]"),
+        ({"negative_embeds": negatives, "negative_mask": mask[:, :60]}, "negative_mask", "expected [120]"),
+        ({"negative_mask": mask, "guidance": np.array([[1.0], [1.0]], np.float32)}, "negative_mask",
+         "without 'negative_embeds'"),
+    ]:
+        with pytest.raises(RequestError) as info:
+            parse_tensors({"prompt_embeds": embeds} | inputs, pixart_limits)
+        assert info.value.field == field and word in str(info.value), str(info.value)
 
 
 def _text(rows: list[bytes]) -> np.ndarray:
@@ -156,11 +241,13 @@ def test_triton_config_follows_the_conditioning(pixart_export, dit_export, digit
 
     for folder, text_encoder, present, absent in [
         (pixart_export, False, ['name: "prompt_embeds"', "dims: [ 120, 24 ]", 'name: "prompt_mask"', 'name: "latents"',
+                                'name: "negative_embeds"\n    data_type: TYPE_FP32\n    dims: [ 120, 24 ]\n    optional: true',
+                                'name: "negative_mask"\n    data_type: TYPE_FP32\n    dims: [ 120 ]\n    optional: true',
                                 "dims: [ 4, 8, 8 ]"], ['name: "prompt"\n', 'name: "image"', "max_batch_size: 1\n"]),
         (dit_export, False, ['name: "class_label"', "data_type: TYPE_INT64", 'name: "latents"'],
          ['name: "image"', "prompt"]),
         (digits_export, True, ['name: "prompt"', 'name: "image"', 'name: "image_size"', "dims: [ 1, 16, 16 ]"],
-         ["prompt_embeds", "TYPE_STRING"]),
+         ["prompt_embeds", "negative_", "TYPE_STRING"]),  # the shipped text encoder makes the negative itself
     ]:
         manifest = load_manifest(folder)
         limits = Limits.from_manifest(manifest, text_encoder=text_encoder)

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from runtime.serving.client import TritonClient
 from runtime.serving.triton_repo import MARKER, RepoOptions, RepositoryError, write_repository
-from serving_support import GUIDANCE, PROMPT, free_port, reference_alone, require_triton
+from serving_support import GUIDANCE, PROMPT, free_port, reference_alone, require_triton, states_alone
 
 SEEDS = list(range(20))
 
@@ -23,13 +24,15 @@ def alone(digits_export):
 
 
 @pytest.fixture(scope="module")
-def triton(digits_export, tmp_path_factory):
+def triton(digits_export, pixart_export, tmp_path_factory):
     require_triton()
     from runtime.serving.triton_server import TritonProcess
 
     work = tmp_path_factory.mktemp("triton")
-    # One instance on one thread; a 20 ms batching window so that concurrent requests meet in batches.
+    # One instance on one thread; a 20 ms batching window so that concurrent requests meet in batches. Next to the
+    # shipped model (a text encoder), a tiny PixArt export without one: it is fed caption states and their negatives.
     write_repository(digits_export, work / "repo", RepoOptions(threads=1, batch_delay_us=20000))
+    write_repository(pixart_export, work / "repo", RepoOptions(name="pixart", threads=1, batch_delay_us=20000))
     server = TritonProcess(work / "repo", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                            workdir=work / "run")
     server.start()
@@ -86,7 +89,7 @@ def test_an_engine_folder_with_a_link_is_refused(digits_export, tmp_path):
 
 def _request(server, **fields):
     with TritonClient(server.url) as client:
-        return client.generate_png(**fields)
+        return client.generate_one(**fields)
 
 
 def test_twenty_concurrent_seeds_equal_the_seeds_alone(triton, alone):
@@ -162,6 +165,66 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(triton, alone):
     assert good.ok and good.body == alone[3][1]
 
 
+def _first(tokens: int) -> np.ndarray:
+    """A mask keeping the first ``tokens`` of 120."""
+    return (np.arange(120) < tokens).astype(np.float32)
+
+
+def test_caption_states_model_needs_negatives_and_batches_them(triton, pixart_export):
+    """Guided requests to a model without a text encoder must bring the unconditional states (400 naming them, and
+    the server keeps serving); with them, 8 concurrent requests give exactly runtime.generate's latents alone."""
+    rng = np.random.default_rng(7)
+    states = [rng.standard_normal((120, 24)).astype(np.float32) for _ in range(10)]
+    mask = _first(40)
+    with TritonClient(triton.url, model="pixart") as client:
+        for fields, words in [({}, ["negative_embeds", "guidance 4.5 needs the unconditional half", "'guidance' ≤ 1"]),
+                              ({"guidance": 3.0, "negative_mask": mask}, ["without 'negative_embeds'"])]:
+            reply = client.generate_one(output="latents", prompt_embeds=states[0], seed=1, steps=4, **fields)
+            assert reply.status == 400, reply.body[:300]
+            for word in words:
+                assert word in reply.json()["error"], reply.json()
+        unguided = client.generate_one(output="latents", prompt_embeds=states[0], seed=1, steps=4, guidance=1.0)
+        assert unguided.ok, unguided.body[:300]  # no guidance, no unconditional half needed
+        before = client.stats()
+
+    # Per image: its own states, one of two negatives, its own masks (Triton batches requests whose inputs agree).
+    cases = {seed: dict(seed=seed, steps=4, guidance=4.0, prompt_embeds=states[seed], prompt_mask=_first(20 + seed),
+                        negative_embeds=states[8 + seed % 2], negative_mask=_first(40 - seed)) for seed in range(8)}
+    bodies = {seed: json.dumps(TritonClient(triton.url).infer_body(**fields, outputs=("latents",))).encode()
+              for seed, fields in cases.items()}  # encoded beforehand: the requests then arrive together
+    replies = {}
+    ready = threading.Barrier(len(cases))
+
+    def send(seed):
+        with TritonClient(triton.url, model="pixart") as c:
+            ready.wait()
+            replies[seed] = c.infer(bodies[seed])
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with TritonClient(triton.url, model="pixart") as client:
+        after = client.stats()
+    for seed, fields in cases.items():
+        assert replies[seed].ok, replies[seed].body[:300]
+        (out,) = replies[seed].json()["outputs"]
+        assert out["shape"] == [1, 4, 8, 8]
+        assert out["data"] == states_alone(pixart_export, **fields).flatten().tolist(), f"seed {seed}"
+    assert after["inference_count"] - before["inference_count"] == len(cases)
+    assert after["execution_count"] - before["execution_count"] < len(cases)  # some of them shared a generation
+
+
+def test_load_test_sends_caption_states_and_negatives(triton):
+    """The load test against a model without a text encoder: states, a negative and latents output, no errors."""
+    from runtime.serving.loadtest import run_load
+
+    result = run_load(lambda: TritonClient(triton.url, model="pixart"), requests=4, concurrency=2, duration=120,
+                      steps=2, progress=False)
+    assert (result.ok, result.errors) == (4, 0), result.error_samples
+
+
 def test_load_test_command_against_triton(triton, tmp_path):
     out = tmp_path / "load.json"
     run = subprocess.run([sys.executable, "-m", "runtime.serving", "load-test", "--url", triton.url, "--requests", "6",
@@ -180,6 +243,7 @@ def test_graceful_shutdown(triton):
     assert triton.stop() == 0
     log = triton.log_path.read_text(errors="replace")
     assert "shutting down" in log and "successfully unloaded 'deltadit'" in log
+    assert "successfully unloaded 'pixart'" in log
 
 
 def test_bench_command_end_to_end(digits_export, tmp_path):
@@ -221,7 +285,7 @@ def test_serve_triton_command_with_a_named_config(digits_export, tmp_path, alone
         assert process.poll() is None, process.stdout.read()[-3000:]
         with TritonClient(f"http://127.0.0.1:{port}") as client:
             assert client.describe()["instances"] == 1
-            reply = client.generate_png(prompt=PROMPT.format(8), seed=8, guidance=GUIDANCE)
+            reply = client.generate_one(prompt=PROMPT.format(8), seed=8, guidance=GUIDANCE)
         assert reply.ok and reply.body == alone[8][1]
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0

@@ -84,8 +84,10 @@ class BatchExecutor:
         """One short generation at the engines' full batch, so a server's first requests do not pay for ONNX
         Runtime's first calls (memory planning and arena growth for the largest shapes)."""
         kind = self.limits.conditioning
+        # Zeros for caption states are fine here: the warm-up's samples are thrown away, only its shapes matter.
+        states = np.zeros(self.limits.embeds_shape or (0, 0), dtype=np.float32)
         cond = ({"prompt": "warm up"} if kind == "prompt" else {"class_label": 0} if kind == "class_label" else
-                {"prompt_embeds": np.zeros(self.limits.embeds_shape, dtype=np.float32)})
+                {"prompt_embeds": states, "negative_embeds": states})
         image = ImageRequest(seed=0, steps=2, guidance=2.0, policy="delta-dit", **cond)
         self.run([image] * self.limits.max_images)
 
@@ -144,8 +146,20 @@ class BatchExecutor:
             n = len(images)
             return {"prompt_embeds": torch.from_numpy(states), "prompt_mask": torch.from_numpy(mask),
                     "negative_embeds": neg_states.expand(n, -1, -1), "negative_mask": neg_mask.expand(n, -1)}
-        tokens = self.limits.embeds_shape[0]
-        embeds = torch.stack([torch.from_numpy(im.prompt_embeds) for im in images])
-        mask = torch.stack([torch.from_numpy(im.prompt_mask) if im.prompt_mask is not None else torch.ones(tokens)
-                            for im in images])
-        return {"prompt_embeds": embeds, "prompt_mask": mask}
+        cond = {"prompt_embeds": _stack([im.prompt_embeds for im in images]),
+                "prompt_mask": _stack_masks([im.prompt_mask for im in images], self.limits.embeds_shape[0])}
+        # The requests' own unconditional states, one per image (the schema refuses a guided request without them;
+        # runtime.generate refuses an ImageRequest built by hand without them).
+        if all(im.negative_embeds is not None for im in images):
+            cond["negative_embeds"] = _stack([im.negative_embeds for im in images])
+            cond["negative_mask"] = _stack_masks([im.negative_mask for im in images], self.limits.embeds_shape[0])
+        return cond
+
+
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(a) for a in arrays])
+
+
+def _stack_masks(masks: list[np.ndarray | None], tokens: int) -> torch.Tensor:
+    """Each image's mask, all tokens kept where a request sent none."""
+    return torch.stack([torch.from_numpy(m) if m is not None else torch.ones(tokens) for m in masks])

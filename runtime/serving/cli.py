@@ -20,6 +20,7 @@ import threading
 
 import click
 
+from ..__main__ import CONTEXT_SETTINGS, version_option  # -h and --version, as every deltadit command
 from ..schedule import POLICY_NAMES
 
 log = logging.getLogger("deltadit.serving")
@@ -63,7 +64,8 @@ def _limits(kw) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-@click.group(name="serve")
+@click.group(name="serve", context_settings=CONTEXT_SETTINGS)
+@version_option
 def serve() -> None:
     """Serve exported engines with Triton Inference Server or Ray Serve, and load-test them."""
 
@@ -83,6 +85,7 @@ def serve() -> None:
 @click.option("--link", is_flag=True, help="Reference the engine folder by absolute path instead of copying it.")
 @click.option("--force", is_flag=True, help="Replace a model folder this tool wrote before.")
 @_limit_options
+@version_option
 def triton_repo(engines, out, **kw):
     """Write a Triton model repository (Python backend) for the engine folder ENGINES."""
     from .triton_repo import RepoOptions, write_repository
@@ -100,6 +103,7 @@ def triton_repo(engines, out, **kw):
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--model-config-name", default=None, help="Use configs/<name>.pbtxt (cpu or gpu) instead of config.pbtxt.")
+@version_option
 def triton(repository, host, http_port, grpc_port, metrics_port, model_config_name):
     """Run the tritonserver bundled with nvidia-pytriton on REPOSITORY until Ctrl-C / SIGTERM."""
     from .triton_server import TritonProcess
@@ -140,6 +144,7 @@ def triton(repository, host, http_port, grpc_port, metrics_port, model_config_na
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=20.0, show_default=True,
               help="How long @serve.batch may hold a request to fill a batch.")
 @_limit_options
+@version_option
 def ray(engines, replicas, threads, host, port, address, batching, batch_wait_ms, **kw):
     """Serve the engine folder ENGINES with Ray Serve until Ctrl-C / SIGTERM."""
     from ..manifest import load_manifest
@@ -168,6 +173,7 @@ def ray(engines, replicas, threads, host, port, address, batching, batch_wait_ms
 @click.option("--guidance", type=float, default=None)
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result here.")
+@version_option
 def load_test(url, protocol, model, requests, concurrency, duration, warmup, seed, steps, guidance, policy, json_path):
     """Send a bounded load to a server on 127.0.0.1 and print throughput, latency percentiles and errors."""
     from .client import connect
@@ -198,6 +204,7 @@ def load_test(url, protocol, model, requests, concurrency, duration, warmup, see
 @click.option("--steps", type=click.IntRange(1, 10000), default=None)
 @click.option("--guidance", type=float, default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@version_option
 def bench(engines, servers, instances, batching_modes, requests, concurrency, duration, warmup, steps, guidance,
           json_path):
     """Load-test both engines × instance counts × batching on/off on ENGINES, in one run, on 127.0.0.1."""

@@ -99,17 +99,27 @@ class TritonClient(_Http):
         self.model = model
 
     def infer_body(self, *, prompt: str | None = None, class_label: int | None = None,
-                   prompt_embeds: np.ndarray | None = None, seed: int = 0, steps: int | None = None,
-                   guidance: float | None = None, policy: str | None = None, outputs=("image", "image_size")) -> dict:
+                   prompt_embeds: np.ndarray | None = None, prompt_mask: np.ndarray | None = None,
+                   negative_embeds: np.ndarray | None = None, negative_mask: np.ndarray | None = None,
+                   seed: int = 0, steps: int | None = None, guidance: float | None = None, policy: str | None = None,
+                   outputs=("image", "image_size")) -> dict:
+        """One image's request; caption states and masks are that image's ([tokens, channels], [tokens])."""
+        # Triton batches only requests that carry the same inputs: the masks go along (all ones: every token kept,
+        # what the model assumes for an absent mask), so any two caption-states requests of this client can batch.
+        if prompt_embeds is not None and prompt_mask is None:
+            prompt_mask = np.ones(np.shape(prompt_embeds)[0], np.float32)
+        if negative_embeds is not None and negative_mask is None:
+            negative_mask = np.ones(np.shape(negative_embeds)[0], np.float32)
         inputs = []
         if prompt is not None:
             inputs.append(_text_tensor("prompt", prompt))
         if class_label is not None:
             inputs.append({"name": "class_label", "datatype": "INT64", "shape": [1, 1], "data": [int(class_label)]})
-        if prompt_embeds is not None:
-            e = np.asarray(prompt_embeds, np.float32)
-            inputs.append({"name": "prompt_embeds", "datatype": "FP32", "shape": [1, *e.shape],
-                           "data": e.ravel().tolist()})
+        for name, value in (("prompt_embeds", prompt_embeds), ("prompt_mask", prompt_mask),
+                            ("negative_embeds", negative_embeds), ("negative_mask", negative_mask)):
+            if value is not None:
+                e = np.asarray(value, np.float32)
+                inputs.append({"name": name, "datatype": "FP32", "shape": [1, *e.shape], "data": e.ravel().tolist()})
         inputs.append({"name": "seed", "datatype": "INT64", "shape": [1, 1], "data": [int(seed)]})
         if steps is not None:
             inputs.append({"name": "steps", "datatype": "INT32", "shape": [1, 1], "data": [int(steps)]})
@@ -123,8 +133,11 @@ class TritonClient(_Http):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self.request("POST", f"/v2/models/{self.model}/infer", data)
 
-    def generate_png(self, **fields) -> Reply:
-        """One image; on success ``body`` is the PNG (cut to ``image_size``)."""
+    def generate_one(self, *, output: str = "png", **fields) -> Reply:
+        """One image; on success ``body`` is the PNG (cut to ``image_size``), or with ``output="latents"`` (latent
+        models have no PNG) the KServe JSON answer holding the ``latents`` tensor."""
+        if output == "latents":
+            return self.infer(self.infer_body(**fields, outputs=("latents",)))
         reply = self.infer(self.infer_body(**fields))
         if reply.ok:
             outs = {o["name"]: o for o in reply.json()["outputs"]}
@@ -146,10 +159,11 @@ class TritonClient(_Http):
         groups = cfg.get("instance_group") or [{}]
         params = {k: v.get("string_value") for k, v in (cfg.get("parameters") or {}).items()}
         inputs = {i["name"]: [int(d) for d in i.get("dims", [])] for i in cfg.get("input", [])}
+        outputs = {o["name"] for o in cfg.get("output", [])}
         return {"engine": "triton", "instances": sum(int(g.get("count", 1)) for g in groups),
                 "threads": params.get("threads"), "batching": "dynamic_batching" in cfg,
                 "max_images": int(cfg.get("max_batch_size", 1)), "conditioning": _conditioning(inputs),
-                "embeds_shape": inputs.get("prompt_embeds")}
+                "embeds_shape": inputs.get("prompt_embeds"), "pixel_space": "image" in outputs}
 
 
 class RayClient(_Http):
@@ -161,16 +175,18 @@ class RayClient(_Http):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self.request("POST", "/", data)
 
-    def generate_png(self, **fields) -> Reply:
-        return self.generate({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields.items()
-                              if v is not None})
+    def generate_one(self, *, output: str = "png", **fields) -> Reply:
+        """One image; on success ``body`` is the PNG, or with ``output="latents"`` the JSON answer."""
+        payload = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields.items() if v is not None}
+        return self.generate(payload | {"output": output})
 
     def describe(self) -> dict:
         info = self.request("GET", "/info").json()
         limits = info.get("limits", {})
         return {"engine": "ray", "instances": info.get("replicas"), "threads": info.get("threads_per_replica"),
                 "batching": info.get("batching"), "max_images": info.get("max_images"),
-                "conditioning": limits.get("conditioning"), "embeds_shape": limits.get("embeds_shape")}
+                "conditioning": limits.get("conditioning"), "embeds_shape": limits.get("embeds_shape"),
+                "pixel_space": bool(limits.get("pixel_space", True))}
 
 
 def _conditioning(inputs: dict) -> str:

@@ -1,8 +1,9 @@
 """Load test: a bounded number of requests, for a bounded time, to a server on 127.0.0.1.
 
 ``concurrency`` worker threads each keep one connection and send one request at a time (closed loop):
-request i asks for one image of prompt ``"a handwritten digit {i % 10}"`` (or class ``i % classes``,
-or seeded caption states) with seed ``seed + i``. The run stops after ``requests`` requests or
+request i asks for one image of prompt ``"a handwritten digit {i % 10}"`` (or class ``i % 1000``, or
+seeded caption states with one fixed negative) with seed ``seed + i``, as a PNG (latent models: the
+latents). The run stops after ``requests`` requests or
 ``duration`` seconds, whichever comes first; ``warmup`` requests before it are not counted.
 Reported: images per second over the measured wall time, latency percentiles of the successful
 requests, errors, and the mean images per generation (Triton: from the model's statistics; Ray:
@@ -46,12 +47,17 @@ class LoadResult:
         return asdict(self)
 
 
-def request_fields(i: int, *, seed: int, conditioning: str, embeds_shape, steps, guidance, policy) -> dict:
-    fields = dict(seed=seed + i, steps=steps, guidance=guidance, policy=policy)
+def request_fields(i: int, *, seed: int, conditioning: str, embeds_shape, steps, guidance, policy,
+                   pixel_space: bool = True) -> dict:
+    fields = dict(seed=seed + i, steps=steps, guidance=guidance, policy=policy,
+                  output="png" if pixel_space else "latents")
     if conditioning == "class_label":
         fields["class_label"] = i % 1000
     elif conditioning == "prompt_embeds":
+        # Stand-ins for a text encoder's states: a different caption per request, and one fixed negative for
+        # all of them (as the embedding of "" is), sent with every request since the server has no encoder.
         fields["prompt_embeds"] = np.random.default_rng(seed + i).standard_normal(embeds_shape).astype(np.float32)
+        fields["negative_embeds"] = np.random.default_rng([seed, 1]).standard_normal(embeds_shape).astype(np.float32)
     else:
         fields["prompt"] = f"a handwritten digit {i % 10}"
     return fields
@@ -74,7 +80,7 @@ def _closed_loop(make_client, *, count: int, concurrency: int, deadline: float, 
                     next_index[0] += 1
                 t0 = time.perf_counter()
                 try:
-                    reply = client.generate_png(**fields_of(i))
+                    reply = client.generate_one(**fields_of(i))
                     failure = None if reply.ok else f"HTTP {reply.status}: {reply.body[:200].decode(errors='replace')}"
                 except OSError as exc:
                     reply, failure = None, f"{type(exc).__name__}: {exc}"
@@ -101,7 +107,7 @@ def run_load(make_client, *, requests: int, concurrency: int, duration: float, w
     probe = make_client()
     info = probe.describe()
     opts = dict(seed=seed, conditioning=info.get("conditioning") or "prompt", embeds_shape=info.get("embeds_shape"),
-                steps=steps, guidance=guidance, policy=policy)
+                steps=steps, guidance=guidance, policy=policy, pixel_space=info.get("pixel_space", True))
     if warmup:  # first calls of every instance pay one-time costs (engine warm-up): not measured
         _closed_loop(make_client, count=warmup, concurrency=concurrency, deadline=time.monotonic() + duration,
                      fields_of=lambda i: request_fields(10**6 + i, **opts), on_reply=lambda *a: None)

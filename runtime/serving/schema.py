@@ -95,6 +95,10 @@ class ImageRequest:
     prompt: str | None = None
     prompt_embeds: np.ndarray | None = field(default=None, compare=False)  # float32 [tokens, channels]
     prompt_mask: np.ndarray | None = field(default=None, compare=False)  # float32 [tokens]
+    # The unconditional half of guidance for prompt_embeds: the client's text encoder's embedding of the negative
+    # prompt (of "" for none). Per image, so an image still depends only on its own request.
+    negative_embeds: np.ndarray | None = field(default=None, compare=False)  # float32 [tokens, channels]
+    negative_mask: np.ndarray | None = field(default=None, compare=False)  # float32 [tokens]
     class_label: int | None = None
 
     @property
@@ -174,9 +178,11 @@ def check_class_label(value: Any, limits: Limits, name: str = "class_label") -> 
 
 
 def check_embeds(value: Any, limits: Limits, name: str = "prompt_embeds", *, mask: bool = False) -> np.ndarray:
+    """Caption states [tokens, channels] (or a mask [tokens] with ``mask``); ``name`` is the field, maybe indexed
+    (``negative_embeds[2]``), and the error's field is the name without its index."""
     tokens, channels = limits.embeds_shape or (0, 0)
     want = (tokens,) if mask else (tokens, channels)
-    field_name = "prompt_mask" if mask else "prompt_embeds"
+    field_name = name.split("[", 1)[0]
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
@@ -187,6 +193,18 @@ def check_embeds(value: Any, limits: Limits, name: str = "prompt_embeds", *, mas
     if not np.isfinite(arr).all():
         raise RequestError(field_name, f"'{name}' holds NaN/Inf: send finite numbers")
     return arr
+
+
+def check_negative(guidance: float, negative: np.ndarray | None, limits: Limits) -> None:
+    """Guidance on caption states needs the unconditional states from the client: this server has no text encoder,
+    and zeros are not the encoder's embedding of "" (runtime.generate refuses to make one up, and so do we)."""
+    if limits.conditioning != "prompt_embeds" or guidance <= 1.0 or negative is not None:
+        return
+    raise RequestError("negative_embeds", f"guidance {guidance:g} needs the unconditional half, and this server has no "
+                                          "text encoder to make it: pass 'negative_embeds' [tokens, channels] (+ "
+                                          "'negative_mask' [tokens]), your text encoder's embedding of the negative "
+                                          "prompt (of \"\" for none, as the diffusers pipelines do), or 'guidance' ≤ 1 "
+                                          "to sample without guidance")
 
 
 def check_images_count(count: int, guidance: float, limits: Limits, field_name: str) -> None:
@@ -208,7 +226,8 @@ def _shown(value: Any) -> str:
 # ---------------------------------------------------------------- the JSON request (Ray Serve, load test, docs)
 
 COMMON_FIELDS = ("seed", "steps", "guidance", "policy", "output")
-CONDITIONING_FIELDS = {"prompt": ("prompt",), "prompt_embeds": ("prompt_embeds", "prompt_mask"),
+CONDITIONING_FIELDS = {"prompt": ("prompt",),
+                       "prompt_embeds": ("prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask"),
                        "class_label": ("class_label",)}
 
 
@@ -236,6 +255,8 @@ def parse_json_request(payload: Any, limits: Limits) -> ParsedRequest:
 
     values, masks = _conditioning_values(payload, limits, main)
     check_images_count(len(values), guidance, limits, main)
+    negatives, negative_masks = _negatives(payload, limits, len(values)) if main == "prompt_embeds" else ([], [])
+    check_negative(guidance, negatives[0] if negatives else None, limits)
     if output in ("png", "base64") and not limits.pixel_space:
         raise RequestError("output", "this model's samples are latents (they need its VAE to become an image): ask "
                                      "for \"output\": \"latents\"")
@@ -249,7 +270,10 @@ def parse_json_request(payload: Any, limits: Limits) -> ParsedRequest:
     elif main == "class_label":
         images = [ImageRequest(seed=s, class_label=v, **base) for s, v in zip(seeds, values)]
     else:
-        images = [ImageRequest(seed=s, prompt_embeds=v, prompt_mask=m, **base) for s, v, m in zip(seeds, values, masks)]
+        negatives = negatives or [None] * len(values)
+        negative_masks = negative_masks or [None] * len(values)
+        images = [ImageRequest(seed=s, prompt_embeds=v, prompt_mask=m, negative_embeds=n, negative_mask=nm, **base)
+                  for s, v, m, n, nm in zip(seeds, values, masks, negatives, negative_masks)]
     return ParsedRequest(tuple(images), output)
 
 
@@ -275,6 +299,32 @@ def _conditioning_values(payload: Mapping, limits: Limits, main: str) -> tuple[l
     return embeds, [check_embeds(m, limits, "prompt_mask", mask=True) for m in masks]
 
 
+def _negatives(payload: Mapping, limits: Limits, count: int) -> tuple[list, list]:
+    """``negative_embeds``: one [tokens, channels] for every image (the usual case: the embedding of "") or a list
+    of one per image; ``negative_mask`` likewise ([tokens] or one per image). Empty lists when absent."""
+    raw, mask_raw = payload.get("negative_embeds"), payload.get("negative_mask")
+    if raw is None:
+        if mask_raw is not None:
+            raise RequestError("negative_mask", "'negative_mask' without 'negative_embeds': send the negative prompt's "
+                                                "states with its mask, or neither")
+        return [], []
+    negatives = _shared_or_each(raw, 3, count, "negative_embeds", lambda v, n: check_embeds(v, limits, n))
+    if mask_raw is None:
+        return negatives, [None] * count
+    masks = _shared_or_each(mask_raw, 2, count, "negative_mask", lambda v, n: check_embeds(v, limits, n, mask=True))
+    return negatives, masks
+
+
+def _shared_or_each(raw: Any, per_image_depth: int, count: int, name: str, check) -> list:
+    """One value for every image, or (nested one level deeper) a list of one per image."""
+    if _depth(raw) != per_image_depth:
+        return [check(raw, name)] * count
+    if len(raw) != count:
+        raise RequestError(name, f"'{name}' lists {len(raw)} entries for {count} images: send one per image, or one "
+                                 "for all of them")
+    return [check(v, f"{name}[{i}]") for i, v in enumerate(raw)]
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of JSON lists along their first elements (3 for a list of [tokens, channels])."""
     depth = 0
@@ -296,9 +346,12 @@ def _seeds(value: Any, count: int) -> list[int]:
 
 
 def example_request(limits: Limits) -> str:
-    cond = {"prompt": '"prompt": "a handwritten digit 7"',
-            "prompt_embeds": f'"prompt_embeds": [[...{limits.embeds_shape[1] if limits.embeds_shape else ""} numbers'
-                             f'] × {limits.embeds_shape[0] if limits.embeds_shape else ""} tokens]',
-            "class_label": '"class_label": 207'}[limits.conditioning]
+    if limits.conditioning == "prompt_embeds":
+        tokens, channels = limits.embeds_shape or ("", "")
+        states = f"[[...{channels} numbers] × {tokens} tokens]"
+        cond = f'"prompt_embeds": {states}, "negative_embeds": {states}'
+    else:
+        cond = {"prompt": '"prompt": "a handwritten digit 7"', "class_label": '"class_label": 207'}[limits.conditioning]
+    output = "png" if limits.pixel_space else "latents"
     return (f'{{{cond}, "seed": 0, "steps": {limits.default_steps}, "guidance": {limits.default_guidance:g}, '
-            f'"policy": "{limits.default_policy}", "output": "png"}}')
+            f'"policy": "{limits.default_policy}", "output": "{output}"}}')

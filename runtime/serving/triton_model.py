@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .schema import (ImageRequest, Limits, RequestError, check_class_label, check_embeds, check_guidance,
-                     check_policy, check_prompt, check_seed, check_steps)
+                     check_negative, check_policy, check_prompt, check_seed, check_steps)
 
 # name, Triton data type, dims after the batch dimension, ragged (length may differ per request)
 COMMON_INPUTS = (("seed", "TYPE_INT64", (1,), False), ("steps", "TYPE_INT32", (1,), False),
@@ -40,8 +40,11 @@ def input_specs(limits: Limits) -> list[dict[str, Any]]:
         cond = [("class_label", "TYPE_INT64", (1,), False, False)]
     else:
         tokens, channels = limits.embeds_shape
+        # negative_*: the unconditional half of guidance, from the client's text encoder (required with guidance)
         cond = [("prompt_embeds", "TYPE_FP32", (tokens, channels), False, False),
-                ("prompt_mask", "TYPE_FP32", (tokens,), False, True)]
+                ("prompt_mask", "TYPE_FP32", (tokens,), False, True),
+                ("negative_embeds", "TYPE_FP32", (tokens, channels), False, True),
+                ("negative_mask", "TYPE_FP32", (tokens,), False, True)]
     specs = [dict(name=n, data_type=t, dims=d, ragged=r, optional=o) for n, t, d, r, o in cond]
     specs += [dict(name=n, data_type=t, dims=d, ragged=r, optional=True) for n, t, d, r in COMMON_INPUTS]
     return specs
@@ -114,12 +117,26 @@ def parse_tensors(inputs: dict[str, np.ndarray | None], limits: Limits) -> list[
         if labels is None:
             raise RequestError("class_label", f"'class_label' must have shape [{count}, 1]")
         return [ImageRequest(class_label=check_class_label(v, limits), **kw) for v, kw in zip(labels, per_image)]
-    masks = inputs.get("prompt_mask")
-    if masks is not None and masks.shape[0] != count:
-        raise RequestError("prompt_mask", f"'prompt_mask' holds {masks.shape[0]} rows for {count} images")
-    return [ImageRequest(prompt_embeds=check_embeds(cond[i], limits),
-                         prompt_mask=check_embeds(masks[i], limits, "prompt_mask", mask=True) if masks is not None
-                         else None, **kw) for i, kw in enumerate(per_image)]
+    rows = {}
+    for name, mask in (("prompt_mask", True), ("negative_embeds", False), ("negative_mask", True)):
+        array = inputs.get(name)
+        if array is None:
+            rows[name] = [None] * count
+            continue
+        if array.ndim < 1 or array.shape[0] != count:
+            raise RequestError(name, f"'{name}' holds {array.shape[0] if array.ndim else 0} rows for {count} images: "
+                                     "send one per image")
+        rows[name] = [check_embeds(row, limits, name, mask=mask) for row in array]
+    if inputs.get("negative_mask") is not None and inputs.get("negative_embeds") is None:
+        raise RequestError("negative_mask", "'negative_mask' without 'negative_embeds': send the negative prompt's "
+                                            "states with its mask, or neither")
+    images = []
+    for i, kw in enumerate(per_image):
+        check_negative(kw["guidance"], rows["negative_embeds"][i], limits)
+        images.append(ImageRequest(prompt_embeds=check_embeds(cond[i], limits), prompt_mask=rows["prompt_mask"][i],
+                                   negative_embeds=rows["negative_embeds"][i], negative_mask=rows["negative_mask"][i],
+                                   **kw))
+    return images
 
 
 def result_tensors(results: list, requested: set[str] | None, limits: Limits) -> dict[str, np.ndarray]:
