@@ -165,8 +165,10 @@ EXPORT_FLAGS = {  # click parameter name -> flag, for "--engines excludes these"
 def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) -> Path:
     """--engines DIR as is; otherwise export with the model flags (reusing an identical export) or the defaults."""
     from .cli import user_errors
-    from .exporter import ExportOptions, export
-    from .models import DEFAULT_MODEL, parse_overrides
+    from .export_options import ExportOptions
+    from .exporter import export
+    from .model_config import parse_overrides
+    from .models import DEFAULT_MODEL
     from .progress import Progress
 
     given = [flag for name, flag in EXPORT_FLAGS.items() if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]

@@ -126,8 +126,9 @@ def rebuild_model(manifest):
     """The diffusers transformer the export came from: same weights (source recorded in the manifest), same dtype."""
     import torch
 
-    from .exporter import keep_norms_fp32
-    from .models import ModelError, WeightsSource, build_model, get_spec
+    from .export_build import keep_norms_fp32
+    from .model_weights import WeightsSource, build_model
+    from .models import ModelError, get_spec
 
     spec = get_spec(manifest.model["name"])
     src = dict(manifest.model["source"])

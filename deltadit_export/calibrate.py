@@ -441,8 +441,8 @@ def calibrate_export_options(options, *, psnr_budget: float = DEFAULT_PSNR_BUDGE
     """Run the calibration for an export and return ``(options with the chosen N_c/N/b and the calibration
     record, CalibrationResult)``. Values the user set explicitly (``--cached-blocks``, ``--interval``,
     ``--boundary``) are kept and only the others are swept."""
-    from .exporter import OptionError, resolve
-    from .models import build_model
+    from .export_options import OptionError, resolve
+    from .model_weights import build_model
 
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise OptionError(f"--calibrate-prompts={num_prompts!r} is out of range: expected an integer ≥ 1")

@@ -12,7 +12,8 @@ from runtime.manifest import ManifestError
 from runtime.schedule import POLICY_NAMES, ScheduleError, build_schedule, default_cached_blocks
 
 from .console import CONTEXT_SETTINGS, quiet, verbosity_options, version_option
-from .models import DEFAULT_MODEL, DEFAULT_SCHEDULE, REGISTRY, ModelError, parse_overrides
+from .model_config import parse_overrides
+from .models import DEFAULT_MODEL, DEFAULT_SCHEDULE, REGISTRY, ModelError
 from .progress import Progress
 
 # Errors that carry a complete message for the user (what is wrong, where, the fix): shown without a traceback.
@@ -20,7 +21,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ModelError, ScheduleError, ManifestE
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from .exporter import OptionError
+    from .export_options import OptionError
     from .onnx_export import ExportError
 
     return USER_ERRORS + (OptionError, ExportError)
@@ -28,7 +29,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def _registry_help() -> tuple[str, str]:
     """Help texts true for every registry model: their resolutions and their default N_c of L blocks."""
-    from .exporter import ExportOptions, schedule_layers
+    from .export_options import ExportOptions, schedule_layers
 
     resolutions = "; ".join(f"{n} {'|'.join(map(str, REGISTRY[n].resolutions))}" for n in sorted(REGISTRY))
     by_layers: dict[int, list[str]] = {}
@@ -102,7 +103,9 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
          calibrate, psnr_budget, calibrate_prompts):
     """Export a PixArt-α, DiT-XL/2 or the shipped pixart-digits transformer as embed/front/middle/rear/head
     engines with a manifest."""
-    from .exporter import ExportOptions, export, get_spec, resolve_schedule, schedule_layers
+    from .export_options import ExportOptions, resolve_schedule, schedule_layers
+    from .exporter import export
+    from .models import get_spec
 
     try:
         options = ExportOptions(

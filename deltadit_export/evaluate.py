@@ -191,7 +191,8 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
     from runtime.schedule import ScheduleError
 
     from .cli import user_errors
-    from .exporter import ExportOptions, export
+    from .export_options import ExportOptions
+    from .exporter import export
     from .progress import Progress
     from .sampling import stale_extras
 

@@ -58,7 +58,8 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
     folder = Path(folder)
     if (folder / MANIFEST_NAME).is_file():
         return folder
-    from .exporter import ExportOptions, export
+    from .export_options import ExportOptions
+    from .exporter import export
     from .progress import Progress
 
     log.info("no export at %s: exporting %s first", folder, model)

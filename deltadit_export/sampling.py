@@ -100,7 +100,8 @@ def make_scheduler(config: dict):
 
 def rebuild_torch_model(manifest):
     """The diffusers model the export came from, fp32 eval mode, from what the manifest records."""
-    from .models import WeightsSource, build_model, get_spec
+    from .model_weights import WeightsSource, build_model
+    from .models import get_spec
 
     src = dict(manifest.model["source"])
     source = WeightsSource(**src)

@@ -26,10 +26,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from deltadit_export import export_build as build_mod
 from deltadit_export import exporter as exporter_mod
 from deltadit_export import publish as publish_mod
 from deltadit_export.cli import main as cli_main
-from deltadit_export.exporter import ExportOptions, OptionError, export, resolve, reusable
+from deltadit_export.export_options import ExportOptions, OptionError, resolve
+from deltadit_export.exporter import export, reusable
 from deltadit_export.models import ModelError
 from deltadit_export.onnx_export import ExportError
 from deltadit_export.progress import Progress
@@ -158,7 +160,7 @@ def test_bad_model_or_weights_refused_before_any_work(case, weights_dirs, tmp_pa
     if "weights" in kwargs and name != "weights-and-random":
         kwargs.setdefault("random_weights", False)
         kwargs.setdefault("overrides", {})
-    monkeypatch.setattr(exporter_mod, "_build", lambda *a, **k: pytest.fail("work started for a bad input"))
+    monkeypatch.setattr(build_mod, "build", lambda *a, **k: pytest.fail("work started for a bad input"))
     out = tmp_path / "engines" / "out"
     with pytest.raises(exc_type) as info:
         export(tiny_options(out, **kwargs), QUIET)
@@ -264,7 +266,7 @@ def test_cli_shows_user_errors_without_traceback(argv, message, tmp_path):
 
 def test_out_folder_that_is_not_an_export_is_never_replaced(tmp_path, monkeypatch):
     """A stale or wrong --out (a user's folder, a file) is refused before any work; its contents stay."""
-    monkeypatch.setattr(exporter_mod, "_build", lambda *a, **k: pytest.fail("work started for a bad --out"))
+    monkeypatch.setattr(build_mod, "build", lambda *a, **k: pytest.fail("work started for a bad --out"))
     user = tmp_path / "photos"
     user.mkdir()
     (user / "cat.jpg").write_bytes(b"meow")
@@ -348,7 +350,7 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
     def full_manifest(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(exporter_mod, "write_manifest", full_manifest)
+    monkeypatch.setattr(build_mod, "write_manifest", full_manifest)
     with pytest.raises(ExportError, match="disk full while writing the export"):
         export(tiny_options(prev_export, seed=1), QUIET)
     monkeypatch.undo()
@@ -478,9 +480,9 @@ def test_recover_restores_parked_and_removes_stale_temporaries(tmp_path):
 DRIVER = r"""
 import json, os, signal, sys, types
 import deltadit_export.cli as cli
-import deltadit_export.exporter as exporter
+import deltadit_export.export_build as build
 import deltadit_export.publish as publish
-import deltadit_export.onnx_export, deltadit_export.split, deltadit_export.models
+import deltadit_export.onnx_export, deltadit_export.split, deltadit_export.models, deltadit_export.exporter
 import diffusers, onnx, onnxruntime
 from diffusers import PixArtTransformer2DModel  # noqa: heavy lazy import, done once before forking
 
@@ -489,8 +491,8 @@ def die():
 
 def arm(point):
     if point == "after-manifest":  # staging folder complete, not yet swapped in
-        real = exporter.write_manifest
-        exporter.write_manifest = lambda *a, **k: (real(*a, **k), die())
+        real = build.write_manifest
+        build.write_manifest = lambda *a, **k: (real(*a, **k), die())
     elif point == "after-exchange":  # swapped in; the previous export sits in the staging folder
         real_x = publish._exchange
         publish._exchange = lambda a, b: (real_x(a, b) and die())

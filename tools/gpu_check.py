@@ -117,7 +117,8 @@ def rel_err(ref, got) -> float:
 def do_export(args, report: Report, out_dir: Path, with_trt: bool):
     import torch
 
-    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
     from deltadit_export.progress import Progress
 
     kept = {}
