@@ -37,9 +37,10 @@ from .bench_baseline import (
 )
 from .bench_report import build_report, format_report
 from .bench_rows import MODES, SEGMENT_NAMES
+from .cli_types import REPEATS, SEED, THREADS, WARMUP, Command, FiniteFloat, GUIDANCE_HINT, check_steps
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .models import check_prompt
-from .publish import write_file
+from .publish import check_writable, write_file
 from .timing import Row, TimingError, default_threads, measure
 
 
@@ -57,6 +58,7 @@ class BenchSettings:
     backend: str = "onnxruntime"  # the CPU backend, like the eager baseline
     modes: tuple[str, ...] = MODES
     trust_artifacts: bool = False  # allow backends whose artifacts can run code (--trust-artifacts)
+    verify: bool = True  # check the engines' sha256 at load (--no-verify: not)
 
 
 class BenchError(RuntimeError):
@@ -64,7 +66,7 @@ class BenchError(RuntimeError):
 
 
 def bench_rows(engines: Path, modes: tuple[str, ...], common: dict[str, Any], backend: str,
-               trust_artifacts: bool = False) -> list[Row]:
+               trust_artifacts: bool = False, verify: bool = True) -> list[Row]:
     """The harness rows of the selected modes. A peer engine is one more line here (and its setup in
     ``bench_rows.py``)."""
     rows = {
@@ -72,9 +74,10 @@ def bench_rows(engines: Path, modes: tuple[str, ...], common: dict[str, Any], ba
         # Optional: torch.compile needs a C++ compiler; without one the row is left out with a warning.
         "torch-compile": Row("torch-compile", bench_rows_mod.eager_row, dict(common, compile=True), optional=True),
         "none": Row("none", bench_rows_mod.runtime_row, dict(common, policy="none", backend=backend,
-                                                              trust_artifacts=trust_artifacts)),
+                                                              trust_artifacts=trust_artifacts, verify=verify)),
         "delta-dit": Row("delta-dit", bench_rows_mod.runtime_row, dict(common, policy="delta-dit", backend=backend,
-                                                                        trust_artifacts=trust_artifacts)),
+                                                                        trust_artifacts=trust_artifacts,
+                                                                        verify=verify)),
     }
     return [rows[m] for m in MODES if m in modes]
 
@@ -126,7 +129,8 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     common = {"engines": str(Path(engines).resolve()), "inputs": inputs, "num_steps": T, "interval": N,
               "boundary": b, "guidance_scale": settings.guidance_scale}
     try:
-        timing = measure(bench_rows(engines, settings.modes, common, settings.backend, settings.trust_artifacts),
+        timing = measure(bench_rows(engines, settings.modes, common, settings.backend, settings.trust_artifacts,
+                                    settings.verify),
                          repeats=settings.repeats,
                          warmup=settings.warmup, threads=threads, isolate=True, desc="bench")
     except TimingError as exc:
@@ -151,7 +155,7 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
             raise BenchError(f"the runtime's {mode} schedule {results[mode]['kinds']} is not the expected one")
     report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs, timing)
     if json_path is not None:
-        write_file(json_path, json.dumps(report, indent=2) + "\n")
+        write_file(json_path, json.dumps(report, indent=2) + "\n", what="--json")
     return report
 
 
@@ -193,7 +197,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
     return result.out
 
 
-@click.command(name="bench", context_settings=CONTEXT_SETTINGS)
+@click.command(name="bench", cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
               help="An export folder (manifest.json). Without it, the model flags below export first "
                    "(reusing an identical export), or the default export is used.")
@@ -201,7 +205,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @click.option("--resolution", type=int, default=None, help="As deltadit-export.")
 @click.option("--weights", type=click.Path(file_okay=False), default=None, help="As deltadit-export.")
 @click.option("--random-weights", is_flag=True, help="As deltadit-export.")
-@click.option("--seed", type=int, default=0, show_default=True, help="As deltadit-export: seed of --random-weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="As deltadit-export: seed of --random-weights.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="As deltadit-export.")
 @click.option("--cached-blocks", type=int, default=None, help="As deltadit-export: N_c.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
@@ -215,16 +219,16 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @click.option("--interval", type=click.IntRange(min=1), default=None, help="Δ-DiT cache interval N (default: manifest).")
 @click.option("--boundary", type=click.IntRange(min=0), default=None,
               help="Δ-DiT boundary step b, 0..T (default: the manifest's, scaled as b/T when --steps differs).")
-@click.option("--guidance-scale", type=click.FloatRange(min=1.0, min_open=True), default=None,
-              help="Classifier-free guidance scale, > 1: the batch is 2 = [uncond; cond] (default: the model's, "
-                   "recorded in the manifest).")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--guidance-scale", type=FiniteFloat(1.0, 100.0, low_open=True, hint=GUIDANCE_HINT), default=None,
+              help="Classifier-free guidance scale, > 1 and ≤ 100: the batch is 2 = [uncond; cond] (default: the "
+                   "model's, recorded in the manifest).")
+@click.option("--repeats", type=REPEATS, default=5, show_default=True,
               help="Timed round-robin rounds; the median and min–max are reported.")
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--warmup", type=WARMUP, default=1, show_default=True,
               help="Untimed runs of every mode before any timed run (torch-compile also compiles in its setup).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="torch and onnxruntime intra-op threads (default: all this process may use).")
-@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the latents and conditioning.")
+@click.option("--sample-seed", type=SEED, default=0, show_default=True, help="Seed of the latents and conditioning.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
 @click.option("--backend", default="onnxruntime", show_default=True,
@@ -232,6 +236,9 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @click.option("--trust-artifacts", is_flag=True,
               help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
               "for exports you made or trust. Without it auto uses ONNX Runtime.")
+@click.option("--no-verify", is_flag=True,
+              help="Load the engines without checking their sha256 against the manifest (files you changed on "
+                   "purpose); names and locations are still checked.")
 @click.option("--modes", default=",".join(MODES), show_default=True,
               help="Comma-separated subset of eager,torch-compile,none,delta-dit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -240,7 +247,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @version_option
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
-        backend, trust_artifacts, modes, json_path, **export_flags):
+        backend, trust_artifacts, no_verify, modes, json_path, **export_flags):
     """Benchmark PyTorch eager and torch.compile against the runtime (policy none) and Δ-DiT.
 
     Each mode runs in its own process; all are warmed up before any timed run, then timed round-robin
@@ -263,11 +270,17 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
         raise click.ClickException(untrusted(backend, backend_class(backend)))  # before any export or worker
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise click.BadParameter(f"the folder of {json_path} does not exist", param_hint="'--json'")
+    if json_path is not None:
+        check_writable(Path(json_path).resolve().parent, "--json")  # before the export and the timing
+    check_steps(num_steps)
+    if boundary is not None and num_steps is not None and boundary > num_steps:  # else known after the export
+        raise click.BadParameter(f"{boundary} is out of range: expected 0 ≤ b ≤ --steps {num_steps} (the boundary "
+                                 "step b)", param_hint="'--boundary'")
     folder = _engines_folder(ctx, engines, export_flags)
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
                              backend=backend, modes=tuple(m for m in MODES if m in selected),
-                             trust_artifacts=trust_artifacts)
+                             trust_artifacts=trust_artifacts, verify=not no_verify)
     try:
         report = run_bench(folder, settings, Path(json_path) if json_path else None)
     except user_errors() + (BenchError,) as exc:

@@ -67,7 +67,7 @@ def eager_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_step
 
 def runtime_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_steps: int, interval: int,
                 boundary: int, guidance_scale: float, policy: str, backend: str = "onnxruntime",
-                trust_artifacts: bool = False, **_) -> Runner:
+                trust_artifacts: bool = False, verify: bool = True, **_) -> Runner:
     """The runtime with ``policy`` (none or delta-dit), per-segment times recorded for every run."""
     from runtime import DeltaDiTRuntime
     from runtime.sampling import generate
@@ -78,7 +78,7 @@ def runtime_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_st
     T, N, b, g = num_steps, interval, boundary, guidance_scale
     # The thread count is an option of the CPU backend only (auto passes it on to the candidates that take it).
     options = {"threads": ctx.threads} if backend in ("auto", "onnxruntime", "openvino") else {}
-    rt = DeltaDiTRuntime(root, backend=backend, trust_artifacts=trust_artifacts, **options)
+    rt = DeltaDiTRuntime(root, backend=backend, trust_artifacts=trust_artifacts, verify=verify, **options)
     if rt.device.type != "cpu":
         log.warning("the runtime runs on %s but the eager baseline on the CPU: the speedups against eager are not "
                     "like for like", rt.device)

@@ -116,7 +116,7 @@ def generate_row(setup: EvalSetup, row: RowSpec) -> dict[str, Any]:
     return {"samples": samples, "macs": macs, "seconds": seconds, "cached": False}
 
 
-def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
+def timing_rows(setup: EvalSetup, rows: list[RowSpec], verify: bool = True) -> list:
     """The harness rows (:mod:`.timing`) of the eval rows: one image per run, guidance batch 2.
 
     Run r generates image r mod 10 (a different digit and noise each repeat, the same for every row):
@@ -131,7 +131,7 @@ def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
     for row in rows:
         if row.engine == "runtime":
             out.append(sample_rows.runtime(row.name, engines, row.policy, row.num_steps, inputs, setup.guidance,
-                                           setup.runtime.trust_artifacts))
+                                           setup.runtime.trust_artifacts, verify=verify))
         else:
             out.append(sample_rows.eager(row.name, engines, row.num_steps, inputs, setup.guidance, hook=row.hook,
                                          params=row.params))

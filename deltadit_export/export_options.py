@@ -18,7 +18,9 @@ from runtime.manifest import FORMAT_VERSION
 from runtime.schedule import MAX_STEPS, Cuts, ScheduleError, build_schedule, default_cached_blocks, scaled_boundary
 
 from . import __version__
-from .model_config import check_overrides, check_resolution, random_config, read_transformer_config
+from .model_config import (
+    check_architecture, check_overrides, check_resolution, random_config, read_transformer_config,
+)
 from .model_weights import WeightsSource, locate_weights, weights_fingerprint
 from .models import DEFAULT_MODEL, ModelError, get_spec, model_guidance
 from .quantize import resolve_int8_options
@@ -94,6 +96,7 @@ class ResolvedExport:
     cache_key: str
     keep_fp32: tuple[str, ...] = ()  # int8: segments exported in fp32
     int8_tolerance: float | None = None  # int8: the gate's limit
+    record: dict[str, Any] = field(default_factory=dict)  # the resolved options (manifest export.options)
 
 
 def resolve(options: ExportOptions) -> ResolvedExport:
@@ -139,6 +142,9 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         check_resolution(spec, resolution, options.weights is not None)
         source = locate_weights(spec, resolution, options.weights)
         config = {k: v for k, v in read_transformer_config(Path(source.path)).items() if not k.startswith("_")}
+    check_tokens(config, resolution)
+    if options.random_weights:
+        check_architecture(spec, config)
     cuts, sched = resolve_schedule(spec, options, config.get("num_layers", 28))
     n_c = cuts.cached_blocks
     out = Path(options.out) if options.out else default_out(spec.name, resolution, options.precision)
@@ -171,7 +177,22 @@ def resolve(options: ExportOptions) -> ResolvedExport:
         fields.pop("int8_tolerance")
     cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True, default=str).encode()).hexdigest()
     return ResolvedExport(options, spec, resolution, source, config, cuts, sched, out, cache_key, keep_fp32,
-                          int8_tolerance)
+                          int8_tolerance, option_record(fields))
+
+
+# Latent tokens an export may have: PixArt-Σ at 4K, the largest published DiT, has 65,536.
+MAX_TOKENS = 65536
+
+
+def check_tokens(config: dict[str, Any], resolution: int) -> None:
+    """Refuse a resolution whose token count no DiT has, before any model asks for its memory."""
+    size, patch = config.get("sample_size"), config.get("patch_size", 2)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, patch)):
+        tokens = (size // patch) ** 2
+        if tokens > MAX_TOKENS:
+            raise OptionError(f"--resolution {resolution}: {tokens:,} latent tokens, more than the {MAX_TOKENS:,} "
+                              "an export may have (PixArt-Σ at 4K, the largest published DiT, has 65,536); pass a "
+                              "smaller --resolution")
 
 
 def resolve_schedule(spec, options: ExportOptions, num_layers: Any) -> tuple[Cuts, dict[str, Any]]:
@@ -267,3 +288,75 @@ def extras_fingerprint(root: Path | None) -> str | None:
                 h.update(f.read_bytes())
     return h.hexdigest()
 
+
+
+# ---------------------------------------------------------------- the options of an existing export
+
+OPTION_FLAGS = {"model": "--model", "resolution": "--resolution", "random_weights": "--random-weights",
+                "seed": "--seed", "overrides": "--set", "cached_blocks": "--cached-blocks", "precision": "--precision",
+                "opset": "--opset", "exporter": "--exporter", "max_batch": "--max-batch", "num_steps": "--steps",
+                "interval": "--interval", "boundary": "--boundary", "backends": "--backend",
+                "calibration": "--calibrate", "keep_fp32": "--keep-fp32", "int8_tolerance": "--int8-tolerance"}
+
+
+def option_record(fields: dict[str, Any]) -> dict[str, Any]:
+    """The resolved options as recorded in the manifest (``export.options``) and compared on a re-export. A
+    calibration is recorded by its budget (its timings differ on every run; its choices are the N_c, N, b)."""
+    d = json.loads(json.dumps(fields, sort_keys=True, default=str))
+    calibration = d.get("calibration")
+    d["calibration"] = {"psnr_budget_db": calibration.get("psnr_budget_db")} if calibration else None
+    return d
+
+
+def recorded_options(manifest: Any) -> dict[str, Any]:
+    """The options an existing export was made with: ``export.options``, or, for an export written before that
+    field existed, what its manifest records of them."""
+    recorded = manifest.export.get("options")
+    if isinstance(recorded, dict):
+        return recorded
+    source = manifest.model.get("source") or {}
+    random = source.get("kind") == "random"
+    s = manifest.schedule
+    legacy = {"model": manifest.model.get("name"), "resolution": manifest.resolution, "precision": manifest.precision,
+              "cached_blocks": manifest.cached_blocks, "num_steps": s.get("num_steps"), "interval": s.get("interval"),
+              "boundary": s.get("boundary"), "max_batch": manifest.max_batch // 2,
+              "opset": manifest.export.get("opset"), "exporter": manifest.export.get("exporter"),
+              "random_weights": random, "overrides": source.get("overrides", {}),
+              "backends": sorted({"onnx", *manifest.engines}),
+              "calibration": option_record({"calibration": manifest.calibration})["calibration"]}
+    if random:
+        legacy["seed"] = source.get("seed", 0)
+    return legacy
+
+
+def _shown(key: str, value: Any) -> str:
+    if key == "calibration":
+        return f"calibrated with --psnr-budget {value.get('psnr_budget_db')}" if value else "not calibrated"
+    if key == "random_weights":
+        return "random weights" if value else "trained weights"
+    if key == "overrides":
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(value.items())) if value else "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def option_changes(existing: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The options in which ``wanted`` differs from ``existing``, as '--flag old → new' (flags in CLI order)."""
+    changes = []
+    for key, flag in OPTION_FLAGS.items():
+        if key in ignore or key not in existing or key not in wanted:
+            continue
+        if key == "seed" and not (existing.get("random_weights") and wanted.get("random_weights")):
+            continue  # the seed only shapes random weights
+        old, new = json.loads(json.dumps(existing[key], default=str)), json.loads(json.dumps(wanted[key], default=str))
+        if old != new:
+            flag = "" if key in ("calibration", "random_weights") else f"{flag} "
+            changes.append(f"{flag}{_shown(key, old)} → {_shown(key, new)}")
+    return changes
+
+
+def replace_refusal(out: Path, changes: list[str]) -> str:
+    return (f"{out} holds an export made with other options ({'; '.join(changes)}); an export is never replaced "
+            "by one with other options without --force: pass --force to replace it, or --out another folder to "
+            "keep both")

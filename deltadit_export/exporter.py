@@ -9,22 +9,29 @@ swap the folder into place (``publish.py``). File-system failures become one use
 
 from __future__ import annotations
 
-import errno
+import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from runtime.manifest import COMPANION_DIRS, MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from runtime.integrity import verify_companion_files, verify_segment_files
 
 from . import export_build
-from .export_options import ExportOptions, OptionError, resolve
+from .export_options import (
+    ExportOptions, OptionError, ResolvedExport, option_changes, recorded_options, replace_refusal, resolve,
+)
 from .export_report import ExportResult
+from .folder_lock import acquire, release
 from .models import ModelError
 from .progress import Progress
-from .publish import mark_owner, publish, recover, staging_dir
+from .publish import (
+    DISK_FULL, OutputError, carry_user_files, mark_owner, probe_space, publish, recover, staging_dir,
+)
+
+log = logging.getLogger("deltadit")
 
 ExportErrorType = RuntimeError  # onnx_export.ExportError, imported lazily (it imports torch)
 
@@ -53,26 +60,96 @@ def _check_out_folder(out: Path) -> None:
         )
 
 
+def export_files(out: Path) -> Callable[[str], bool]:
+    """Which paths (relative to ``out``) belong to the export there: what its manifest records, the manifest, the
+    companion folders; with a manifest that cannot be read, files named like export artifacts. Everything else
+    is a user's file, carried into the new folder on a re-export (``publish.carry_user_files``)."""
+    names = {MANIFEST_NAME}
+    try:
+        manifest = load_manifest(out) if (out / MANIFEST_NAME).is_file() else None
+    except ManifestError:
+        manifest = None
+    if manifest is not None:
+        for seg in manifest.segments:
+            names.update((seg.file, *seg.extra_files))
+        names.update(manifest.companion_files)
+        for entry in manifest.engines.values():
+            entry = entry if isinstance(entry, dict) else {}
+            files = entry.get("files") if isinstance(entry.get("files"), dict) else {}
+            names.update(f["file"] for f in files.values() if isinstance(f, dict) and isinstance(f.get("file"), str))
+            if isinstance(entry.get("timing_cache"), str):
+                names.add(entry["timing_cache"])
+
+    def is_ours(rel: str) -> bool:
+        if rel in names or rel.split("/", 1)[0] in COMPANION_DIRS:
+            return True
+        return manifest is None and rel.endswith(ARTIFACT_SUFFIXES)
+
+    return is_ours
+
+
+ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2", ".plan", ".cache")
+
+
+def _existing_options(out: Path) -> dict[str, Any] | None:
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return recorded_options(load_manifest(out))
+    except ManifestError:
+        return None  # a damaged export: rebuilt (its options cannot be known)
+
+
+def check_replaceable(options: ExportOptions, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse (OptionError) before any work when ``options`` would replace an export made with other options
+    (``--force`` allows it). ``ignore``: options not known yet (those a calibration will choose)."""
+    if options.force:
+        return
+    job = resolve(options)
+    existing = _existing_options(job.out)
+    changes = option_changes(existing, job.record, ignore) if existing is not None else []
+    if changes:
+        raise OptionError(replace_refusal(job.out, changes))
+
+
 def export(options: ExportOptions, progress: Progress | None = None,
            on_model_loaded: Callable[[Any], None] | None = None) -> ExportResult:
-    """Run the whole export. ``progress`` reports per-segment phases (stderr by default)."""
+    """Run the whole export. ``progress`` reports per-segment phases (stderr by default). One export at a time
+    per output folder: a second one waits for the lock (saying so), then reuses or refuses like any rerun."""
     t0 = time.perf_counter()
     progress = progress or Progress(stream=sys.stderr)
     job = resolve(options)
+    try:
+        lock = acquire(job.out, on_wait=log.warning)
+    except OSError as exc:
+        raise _disk_error(exc, job.out, "locking the output folder") from exc
+    try:
+        return _export_locked(job, progress, on_model_loaded, t0)
+    finally:
+        release(job.out, lock)
+
+
+def _export_locked(job: ResolvedExport, progress: Progress, on_model_loaded, t0: float) -> ExportResult:
     try:
         notes = [f"note: {msg}" for msg in recover(job.out)]
     except OSError as exc:
         raise _disk_error(exc, job.out, "cleaning up after an interrupted export") from exc
     _check_out_folder(job.out)
-    if not options.force:
+    if not job.options.force:
         existing = reusable(job.out, job.cache_key)
         if existing is not None:
             return ExportResult(job.out, existing, reused=True, seconds=time.perf_counter() - t0, notes=notes)
+        recorded = _existing_options(job.out)
+        changes = option_changes(recorded, job.record) if recorded is not None else []
+        if changes:  # same options, other weights or versions: rebuilt; other options: the user's call
+            raise OptionError(replace_refusal(job.out, changes))
     tmp: Path | None = None
     try:
         tmp = staging_dir(job.out)
         mark_owner(tmp)
+        probe_space(tmp)  # a full disk is found now, not after the model is loaded
         result = export_build.build(job, tmp, progress, on_model_loaded)
+        carried = carry_user_files(job.out, tmp, export_files(job.out))
         publish(tmp, job.out)
     except BaseException as exc:
         if tmp is not None:
@@ -81,16 +158,16 @@ def export(options: ExportOptions, progress: Progress | None = None,
         if os_error is not None:
             raise _disk_error(os_error, job.out, "writing the export") from exc
         raise
+    if carried:
+        shown = ", ".join(carried[:5]) + (f" and {len(carried) - 5} more" if len(carried) > 5 else "")
+        notes.append(f"note: kept your file(s) in {job.out} that are not part of the export: {shown}")
     manifest = load_manifest(job.out)
     return ExportResult(job.out, manifest, False, result, time.perf_counter() - t0, notes)
 
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
 def _os_error_in(exc: BaseException) -> OSError | None:
     """The OSError behind an export failure (the ONNX exporter wraps them), if any."""
-    if isinstance(exc, (ModelError, OptionError, ManifestError)):
+    if isinstance(exc, (ModelError, OptionError, ManifestError, OutputError)):
         return None  # complete user errors already
     seen = 0
     while exc is not None and seen < 10:

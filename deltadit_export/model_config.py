@@ -6,28 +6,83 @@ value that is wrong and the way out, before any heavy work starts.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from . import models as registry
 from .models import ACCEPTED_CLASSES, FAMILY_NORM, ModelError, ModelSpec
 
-# Architecture fields that must be positive integers when given with --set.
-POSITIVE_INT_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
-                       "out_channels", "sample_size", "cross_attention_dim", "caption_channels")
+# Architecture fields that must be positive integers when given with --set, and their largest accepted value
+# (far above any published DiT; they keep a typo from asking for terabytes before anything is built).
+POSITIVE_INT_FIELDS = {"num_layers": 1024, "num_attention_heads": 1024, "attention_head_dim": 1024,
+                       "patch_size": 64, "in_channels": 1024, "out_channels": 1024, "sample_size": 8192,
+                       "cross_attention_dim": 65536, "caption_channels": 65536, "norm_num_groups": 1024,
+                       "num_embeds_ada_norm": 1_000_000, "interpolation_scale": 1024}
+# Parameters a --random-weights architecture may have (PixArt-α and DiT-XL/2 have 0.6e9): 80 GB at fp32.
+MAX_PARAMS = 20_000_000_000
+
+
+def _expected_kinds(annotation: Any) -> set[str]:
+    """The JSON kinds a config field takes, from its annotation in the diffusers signature ('int | None', …)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return {k for k in ("bool", "int", "float", "str", "None") if k in text.replace("NoneType", "None")}
+
+
+def _kind_ok(value: Any, kinds: set[str]) -> bool:
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds or "float" in kinds
+    if isinstance(value, float):
+        return "float" in kinds and math.isfinite(value)
+    if isinstance(value, str):
+        return "str" in kinds
+    return False  # lists, objects
 
 
 def check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
-    """--set keys must be config fields of the diffusers class; sizes must be positive integers."""
+    """--set keys must be config fields of the diffusers class, of the field's type (from its signature);
+    sizes must be positive integers within bounds, and the whole architecture must fit in memory."""
     import inspect
 
-    params = set(inspect.signature(model_class(spec).__init__).parameters) - {"self", "args", "kwargs"}
+    signature = inspect.signature(model_class(spec).__init__).parameters
+    params = set(signature) - {"self", "args", "kwargs"}
     for key, value in overrides.items():
         if key not in params:
             raise ModelError(f"--set {key}=...: {key!r} is not a {spec.diffusers_class} config field; valid keys: "
                              f"{', '.join(sorted(params))}")
-        if key in POSITIVE_INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ModelError(f"--set {key}={value!r}: expected a positive integer")
+        if key in POSITIVE_INT_FIELDS:
+            top = POSITIVE_INT_FIELDS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top:
+                raise ModelError(f"--set {key}={value!r}: expected a positive integer ≤ {top:,}")
+            continue
+        kinds = _expected_kinds(signature[key].annotation)
+        if kinds and not _kind_ok(value, kinds):
+            want = " or ".join(sorted({"bool": "true/false", "int": "an integer", "float": "a finite number",
+                                       "str": "a string", "None": "null"}[k] for k in kinds))
+            raise ModelError(f"--set {key}={value!r}: expected {want} (the {spec.diffusers_class} default is "
+                             f"{signature[key].default!r})")
+        if key == "norm_eps" and not value > 0:
+            raise ModelError(f"--set norm_eps={value!r}: expected a positive number (the default is "
+                             f"{signature[key].default!r})")
+        if key == "dropout" and not 0 <= value < 1:
+            raise ModelError(f"--set dropout={value!r}: expected a number in [0, 1) (exports run in eval mode)")
+        if key == "norm_type" and value != FAMILY_NORM[spec.family]:
+            raise ModelError(f"--set norm_type={value!r}: --model {spec.name} is built with "
+                             f"{FAMILY_NORM[spec.family]!r} (pick the --model of the other family instead)")
+
+
+def check_architecture(spec: ModelSpec, config: dict[str, Any]) -> None:
+    """A --random-weights architecture that cannot fit in memory is refused before it is built."""
+    width = config.get("num_attention_heads", 1) * config.get("attention_head_dim", 1)
+    params = config.get("num_layers", 1) * 12 * width * width  # attention (4·D²) + feed-forward (8·D²) per block
+    if params > MAX_PARAMS:
+        raise ModelError(f"--set: this {spec.diffusers_class} would have about {params:.1e} parameters "
+                         f"({config.get('num_layers')} blocks of width {width}), more than the {MAX_PARAMS:.0e} the "
+                         "exporter builds in memory (PixArt-α has 6e8); choose smaller --set values")
 
 
 def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -40,7 +95,7 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
             raise ModelError(f"--set {item!r} is not key=value (example: --set num_layers=12)")
         try:
             out[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or absurdly nested): the text itself
             out[key] = raw
     return out
 

@@ -17,13 +17,13 @@ OneImage = tuple[Any, Any, tuple[Any, Any], Any]
 
 
 def runtime_row(ctx: WorkerContext, engines: str, policy: str, num_steps: int | None, inputs: list[OneImage],
-                guidance: float, trust_artifacts: bool = False) -> Runner:
+                guidance: float, trust_artifacts: bool = False, verify: bool = True) -> Runner:
     from runtime import DeltaDiTRuntime
 
     from .sampling import runtime_generate
     from .timing_worker import runtime_thread_info
 
-    rt = DeltaDiTRuntime(engines, threads=ctx.threads, trust_artifacts=trust_artifacts)
+    rt = DeltaDiTRuntime(engines, threads=ctx.threads, trust_artifacts=trust_artifacts, verify=verify)
     schedule = rt.schedule(policy, num_steps=num_steps)
 
     def run(i: int):
@@ -56,9 +56,10 @@ def eager_row(ctx: WorkerContext, engines: str, num_steps: int, inputs: list[One
 
 
 def runtime(name: str, engines, policy: str, num_steps: int | None, inputs: list[OneImage], guidance: float,
-            trust_artifacts: bool = False) -> Row:
+            trust_artifacts: bool = False, verify: bool = True) -> Row:
     return Row(name, runtime_row, {"engines": str(engines), "policy": policy, "num_steps": num_steps,
-                                   "inputs": inputs, "guidance": guidance, "trust_artifacts": trust_artifacts})
+                                   "inputs": inputs, "guidance": guidance, "trust_artifacts": trust_artifacts,
+                                   "verify": verify})
 
 
 def eager(name: str, engines, num_steps: int, inputs: list[OneImage], guidance: float, hook: str | None = None,

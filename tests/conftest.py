@@ -31,3 +31,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shipped_export(tmp_path_factory) -> Path:
+    """The shipped pixart-digits model exported (pixel space, with scheduler/ and text_encoder/): what
+    deltadit-generate and deltadit-eval run on. Shared read-only."""
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
+    from deltadit_export.progress import Progress
+
+    out = tmp_path_factory.mktemp("shipped") / "pixart-digits-16-fp32"
+    export(ExportOptions(out=str(out)), Progress(quiet=True))
+    return out

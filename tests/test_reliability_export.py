@@ -341,7 +341,7 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
 
     monkeypatch.setattr(onnx, "save_model", save_model)
     with pytest.raises(ExportError) as info:
-        export(tiny_options(prev_export, seed=1), QUIET)
+        export(tiny_options(prev_export, seed=1, force=True), QUIET)
     msg = str(info.value)
     assert "disk full while writing the export" in msg and "middle.onnx" in msg
     assert f"the previous export at {prev_export} is untouched" in msg and "Free space" in msg
@@ -352,7 +352,7 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
 
     monkeypatch.setattr(build_mod, "write_manifest", full_manifest)
     with pytest.raises(ExportError, match="disk full while writing the export"):
-        export(tiny_options(prev_export, seed=1), QUIET)
+        export(tiny_options(prev_export, seed=1, force=True), QUIET)
     monkeypatch.undo()
     assert snapshot(prev_export) == before and assert_complete(prev_export) == key
     assert not [p for p in prev_export.parent.iterdir() if p.name.startswith(".")], "partial files left"
@@ -360,13 +360,13 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
     monkeypatch.setattr(exporter_mod, "staging_dir", full_manifest)
     result = CliRunner().invoke(cli_main, ["--model", "pixart-alpha", "--random-weights", "--resolution",
                                            str(TINY_RESOLUTION), *set_args(TINY_PIXART_SET), "--seed", "1",
-                                           "--out", str(prev_export), "-q"])
+                                           "--force", "--out", str(prev_export), "-q"])
     assert result.exit_code == 1 and "Error: disk full while writing the export" in result.output
     assert "Traceback" not in result.output
     monkeypatch.undo()
     # The rerun succeeds; it is also the check that a changed option (the seed) rebuilds instead of reusing.
     old = load_manifest(prev_export)
-    rerun = export(tiny_options(prev_export, seed=1), QUIET)
+    rerun = export(tiny_options(prev_export, seed=1, force=True), QUIET)
     new = load_manifest(prev_export)
     assert not rerun.reused and assert_complete(prev_export) != key
     assert new.segment("front").sha256 != old.segment("front").sha256
@@ -392,12 +392,12 @@ def test_really_full_disk(pixart_export, tiny_tmpfs):
     shutil.copytree(pixart_export, out)
     before, key = snapshot(out), load_manifest(out).export["cache_key"]
     with pytest.raises(ExportError) as info:
-        export(tiny_options(out, seed=1), QUIET)
+        export(tiny_options(out, seed=1, force=True), QUIET)
     assert "disk full while writing the export" in str(info.value)
     assert snapshot(out) == before and assert_complete(out) == key
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["pix"], "partial files left on the full disk"
     subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_tmpfs)], check=True)
-    assert export(tiny_options(out, seed=1), QUIET).reused is False
+    assert export(tiny_options(out, seed=1, force=True), QUIET).reused is False
     assert assert_complete(out) != key
 
 
@@ -580,7 +580,7 @@ def test_sigkilled_export_never_damages_previous(pixart_export, prev_export, tmp
     output folder is a complete export (byte-identical to the previous one unless the swap had happened), no
     folder with a manifest is partial, and a rerun cleans up and succeeds."""
     args = ["--model", "pixart-alpha", "--random-weights", "--resolution", str(TINY_RESOLUTION),
-            *set_args(TINY_PIXART_SET), "--seed", "1", "--out", str(prev_export)]
+            *set_args(TINY_PIXART_SET), "--seed", "1", "--force", "--out", str(prev_export)]
     driver = ExportDriver(tmp_path)
     rng = random.Random(5)
     old_key = load_manifest(prev_export).export["cache_key"]
