@@ -274,8 +274,10 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
         check_writable(Path(json_path).resolve().parent, "--json")  # before the export and the timing
     check_steps(num_steps)
     if boundary is not None and num_steps is not None and boundary > num_steps:  # else known after the export
-        raise click.BadParameter(f"{boundary} is out of range: expected 0 ≤ b ≤ --steps {num_steps} (the boundary "
-                                 "step b)", param_hint="'--boundary'")
+        from runtime.schedule import ScheduleError
+
+        raise ScheduleError(f"boundary={boundary} is out of range: expected 0 ≤ boundary ≤ {num_steps} (the boundary "
+                            f"step b, with T={num_steps})")  # the runtime's message, before any export
     folder = _engines_folder(ctx, engines, export_flags)
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,

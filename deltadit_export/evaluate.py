@@ -229,8 +229,8 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
     from runtime.schedule import ScheduleError
 
     from .cli import user_errors
-    from .export_options import ExportOptions
-    from .exporter import export
+    from .export_options import ExportOptions, OptionError
+    from .exporter import check_replaceable, export
     from .progress import Progress
     from .sampling import stale_extras
 
@@ -243,6 +243,12 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
             if (folder / "manifest.json").is_file() and stale_extras(load_manifest(folder)):
                 log.info("the shipped model's sampler/encoder config changed since %s was exported: re-exporting",
                          folder)
+                opts = dataclasses.replace(opts, force=True)
+            try:
+                check_replaceable(opts)
+            except OptionError as exc:  # eval's own folder, made with other options (another version's defaults)
+                log.info("%s was exported with other options than eval's (%s): re-exporting it", folder,
+                         str(exc).split("(", 1)[1].split(")", 1)[0])
                 opts = dataclasses.replace(opts, force=True)
             res = export(opts, Progress(stream=sys.stderr, quiet=quiet()))
             if not res.reused:

@@ -338,6 +338,8 @@ ISSUE_CASES = [  # (argv, exit code, the Error line) for the failures listed in 
      "(longer schedules are refused: no sampler uses more than 1000 steps)"),
     (["bench", "--steps", "100000000"], 1, "Error: num_steps=100000000 is out of range: expected 1 ≤ num_steps ≤ "
      "10000 (longer schedules are refused: no sampler uses more than 1000 steps)"),
+    (["bench", "--steps", "4", "--boundary", "9"], 1, "Error: boundary=9 is out of range: expected 0 ≤ boundary ≤ 4 "
+     "(the boundary step b, with T=4)"),  # before the export the model flags would start
     *[([cmd, "--threads", "0"], 2, "Error: Invalid value for '--threads': 0 is not in the range 1<=x<=1024.")
       for cmd in ("generate", "bench", "eval")],
     (["eval", "--gen-threads", "0"], 2, "Error: Invalid value for '--gen-threads': 0 is not in the range 1<=x<=1024."),
@@ -389,14 +391,16 @@ def test_an_unmapped_failure_is_one_line_and_its_traceback_goes_to_the_log(monke
     assert loud.exit_code == 1 and "Traceback" in loud.stderr and "1 / 0" in loud.stderr
 
 
-def test_runtime_cli_errors_are_one_line(pixart_export, tmp_path):
-    from runtime.__main__ import cli
+def test_runtime_cli_errors_are_one_line(pixart_export, tmp_path, monkeypatch):
+    import runtime.__main__ as runtime_cli
 
-    r = CliRunner().invoke(cli, ["schedule", str(pixart_export), "--steps", str(2**70)])
+    r = CliRunner().invoke(runtime_cli.cli, ["schedule", str(pixart_export), "--steps", str(2**70)])
     assert r.exit_code == 1 and r.output.startswith("Error: num_steps=1180591620717411303424 is out of range"), r.output
-    (tmp_path / "manifest.json").write_text("[" * 100000)  # too deep for the parser
-    r = CliRunner().invoke(cli, ["info", str(tmp_path)])
-    assert r.exit_code == 1 and r.output.count("Error:") == 1 and "Traceback" not in r.output, r.output
+    # The runtime CLI's own last guard (it imports nothing of deltadit_export): here a file it cannot read.
+    monkeypatch.setattr(runtime_cli, "describe", lambda *a, **k: open(tmp_path / "unreadable"))
+    r = CliRunner().invoke(runtime_cli.cli, ["info", str(pixart_export)])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.startswith(
+        "Error: unexpected FileNotFoundError: [Errno 2] No such file or directory"), r.output
 
 
 # ---------------------------------------------------------------- --no-verify, named in the integrity errors

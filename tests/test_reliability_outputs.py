@@ -370,6 +370,14 @@ def test_export_on_a_full_disk_fails_before_the_model_loads(pixart_export, small
     with pytest.raises(RuntimeError, match="disk full while writing the export"):
         export(tiny(small_mount / "pix"), QUIET)
     assert sorted(p.name for p in small_mount.iterdir()) == ["filler"]  # no staging folder, no lock left
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    from deltadit_export.cli import main
+
+    r = CliRunner().invoke(main, [*TINY_ARGS, "--out", str(small_mount / "pix"), "-q"])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: file-system error while locking the output folder ({small_mount}/.pix.lock: Read-only file system); "
+        f"nothing was written to {small_mount}/pix. Check that {small_mount} is writable and on a local file "
+        "system, then rerun"], r.output
 
 
 # ------------------------------------------------------------------------------------------------ the folder lock
@@ -448,3 +456,19 @@ def test_a_lock_left_by_a_killed_export_does_not_block(tmp_path):
     with folder_lock.folder_lock(out, on_wait=waited.append):
         pass
     assert waited == [] and not folder_lock.lock_path(out).exists()
+
+
+def test_eval_replaces_its_own_default_export_made_with_other_options(shipped_export, tmp_path, monkeypatch):
+    """eval's default folder is its own cache (it has no --force): an export there with other options (another
+    deltadit's defaults, a hand-made one) is re-exported with eval's, not refused; files of yours stay."""
+    from deltadit_export import evaluate
+    from deltadit_export.eval_rows import EVAL_MAX_BATCH
+
+    folder = tmp_path / "eval-engines"
+    shutil.copytree(shipped_export, folder)  # --max-batch 4, eval's is another
+    (folder / "notes.txt").write_text("mine")
+    assert load_manifest(folder).max_batch != 2 * EVAL_MAX_BATCH
+    monkeypatch.setattr(evaluate, "DEFAULT_EVAL_ENGINES", folder)
+    got, runtime = evaluate.open_engines(None, 1)
+    assert got == folder and runtime.manifest.max_batch == 2 * EVAL_MAX_BATCH
+    assert (folder / "notes.txt").read_text() == "mine"
