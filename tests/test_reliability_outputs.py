@@ -393,12 +393,19 @@ with folder_lock(Path(sys.argv[1])):
 
 
 def _read_until(stream, needle: str, proc: subprocess.Popen, limit: float = 300) -> str:
-    """Lines of ``stream`` up to the one containing ``needle`` (a guard against a hang, not a timed assertion)."""
+    """Lines of ``stream`` up to the one containing ``needle``. Read by a thread, so that a process that waits
+    silently fails the test after ``limit`` seconds instead of hanging it (a guard, not a timed assertion)."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in iter(stream.readline, "")] and None, daemon=True).start()
     seen, t0 = "", time.monotonic()
     while time.monotonic() - t0 < limit:
-        line = stream.readline()
-        if not line:
-            break
+        try:
+            line = lines.get(timeout=5)
+        except queue.Empty:
+            continue
         seen += line
         if needle in line:
             return seen
@@ -420,9 +427,8 @@ def test_a_second_export_on_the_same_out_waits_for_the_first(tmp_path):
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.wait(timeout=60) == 0
-        stdout, stderr = exporter.communicate(timeout=600)
-        assert exporter.returncode == 0, stderr
-        assert load_manifest(out).segments and "total" in stdout
+        assert exporter.wait(timeout=600) == 0  # its stderr is drained by _read_until's thread
+        assert load_manifest(out).segments and "total" in exporter.stdout.read()
         assert sorted(p.name for p in out.parent.iterdir()) == ["pix"]  # the lock file went with its holder
     finally:
         for p in (holder, exporter):
