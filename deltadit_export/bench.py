@@ -41,9 +41,10 @@ from .bench_baseline import (
 )
 from .bench_report import build_report, format_report
 from .bench_rows import DEFAULT_MODES, MODES, PEERS, RUNTIME_MODES, SEGMENT_NAMES, call_feeds, per_step_ms
+from .cli_types import REPEATS, SEED, THREADS, WARMUP, Command, FiniteFloat, GUIDANCE_HINT, check_steps
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .models import check_prompt
-from .publish import write_file
+from .publish import check_writable, write_file
 from .rebuild import WeightsNotNamed, rebuild_model, resolve_weights
 from .timing import Row, TimingError, default_threads, measure
 
@@ -64,6 +65,7 @@ class BenchSettings:
     trust_artifacts: bool = False  # allow backends whose artifacts can run code (--trust-artifacts)
     weights: str | None = None  # the PyTorch rows' weights folder (--weights DIR; rebuild.py says when it is needed)
     per_call: bool = False  # time one guided transformer call per row instead of a whole generation
+    verify: bool = True  # check the engines' sha256 at load (--no-verify: not)
 
 
 class BenchError(RuntimeError):
@@ -71,12 +73,13 @@ class BenchError(RuntimeError):
 
 
 def bench_rows(engines: Path, modes: tuple[str, ...], common: dict[str, Any], backend: str,
-               trust_artifacts: bool = False, int8_engines: Path | None = None) -> list[Row]:
+               trust_artifacts: bool = False, int8_engines: Path | None = None, verify: bool = True) -> list[Row]:
     """The harness rows of the selected modes. A peer engine is one more line here (and its setup in
     ``bench_rows.py``). The two rows of one engine set share a worker process (and its loaded runtime)."""
-    fp32 = dict(common, backend=backend, trust_artifacts=trust_artifacts)
-    int8 = dict(common, engines=str(Path(int8_engines).resolve()) if int8_engines else None, backend="onnxruntime")
-    openvino = dict(common, backend="openvino")
+    fp32 = dict(common, backend=backend, trust_artifacts=trust_artifacts, verify=verify)
+    int8 = dict(common, engines=str(Path(int8_engines).resolve()) if int8_engines else None, backend="onnxruntime",
+                verify=verify)
+    openvino = dict(common, backend="openvino", verify=verify)
     rows = {
         "eager": Row("eager", bench_rows_mod.eager_row, dict(common, reference="delta-dit" in modes)),
         "eager-bf16": Row("eager-bf16", bench_rows_mod.eager_row, dict(common, dtype="bfloat16")),
@@ -223,7 +226,7 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
         common["feeds"] = call_feeds(manifest, Path(engines), inputs, settings.guidance_scale, T)
     try:
         timing = measure(bench_rows(engines, settings.modes, common, settings.backend, settings.trust_artifacts,
-                                    int8_engines),
+                                    int8_engines, settings.verify),
                          repeats=settings.repeats,
                          warmup=settings.warmup, threads=threads, isolate=True, desc="bench")
     except TimingError as exc:
@@ -249,7 +252,7 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     report = build_report(manifest, engines, settings, T, N, b, threads, schedule, results, latents, inputs, timing,
                           int8_engines)
     if json_path is not None:
-        write_file(json_path, json.dumps(report, indent=2) + "\n")
+        write_file(json_path, json.dumps(report, indent=2) + "\n", what="--json")
     return report
 
 
@@ -283,8 +286,10 @@ EXPORT_FLAGS = {  # click parameter name -> flag, for "--engines excludes these"
 def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) -> Path:
     """--engines DIR as is; otherwise export with the model flags (reusing an identical export) or the defaults."""
     from .cli import user_errors
-    from .exporter import ExportOptions, export
-    from .models import DEFAULT_MODEL, parse_overrides
+    from .export_options import ExportOptions
+    from .exporter import export
+    from .model_config import parse_overrides
+    from .models import DEFAULT_MODEL
     from .progress import Progress
 
     given = [flag for name, flag in EXPORT_FLAGS.items() if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
@@ -310,7 +315,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
     return result.out
 
 
-@click.command(name="bench", context_settings=CONTEXT_SETTINGS)
+@click.command(name="bench", cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
               help="An export folder (manifest.json). Without it, the model flags below export first "
                    "(reusing an identical export), or the default export is used.")
@@ -320,7 +325,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
               help="As deltadit-export. With --engines: the weights folder that export was made from, for the PyTorch "
                    "rows (needed when it was exported from a local folder; checked against its weights fingerprint).")
 @click.option("--random-weights", is_flag=True, help="As deltadit-export.")
-@click.option("--seed", type=int, default=0, show_default=True, help="As deltadit-export: seed of --random-weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="As deltadit-export: seed of --random-weights.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="As deltadit-export.")
 @click.option("--cached-blocks", type=int, default=None, help="As deltadit-export: N_c.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
@@ -334,16 +339,16 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @click.option("--interval", type=click.IntRange(min=1), default=None, help="Δ-DiT cache interval N (default: manifest).")
 @click.option("--boundary", type=click.IntRange(min=0), default=None,
               help="Δ-DiT boundary step b, 0..T (default: the manifest's, scaled as b/T when --steps differs).")
-@click.option("--guidance-scale", type=click.FloatRange(min=1.0, min_open=True), default=None,
-              help="Classifier-free guidance scale, > 1: the batch is 2 = [uncond; cond] (default: the model's, "
-                   "recorded in the manifest).")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--guidance-scale", type=FiniteFloat(1.0, 100.0, low_open=True, hint=GUIDANCE_HINT), default=None,
+              help="Classifier-free guidance scale, > 1 and ≤ 100: the batch is 2 = [uncond; cond] (default: the "
+                   "model's, recorded in the manifest).")
+@click.option("--repeats", type=REPEATS, default=5, show_default=True,
               help="Timed round-robin rounds; the median and min–max are reported.")
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--warmup", type=WARMUP, default=1, show_default=True,
               help="Untimed runs of every mode before any timed run (torch-compile also compiles in its setup).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="torch and onnxruntime intra-op threads (default: all this process may use).")
-@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the latents and conditioning.")
+@click.option("--sample-seed", type=SEED, default=0, show_default=True, help="Seed of the latents and conditioning.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
 @click.option("--backend", default="onnxruntime", show_default=True,
@@ -351,6 +356,9 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @click.option("--trust-artifacts", is_flag=True,
               help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
               "for exports you made or trust. Without it auto uses ONNX Runtime.")
+@click.option("--no-verify", is_flag=True,
+              help="Load the engines without checking their sha256 against the manifest (files you changed on "
+                   "purpose); names and locations are still checked.")
 @click.option("--modes", default=",".join(DEFAULT_MODES), show_default=True,
               help=f"Comma-separated rows of {','.join(MODES)}, or all (the full peer table; int8-* export the "
                    "int8 variant next to the export first, openvino-* need the [openvino] extra).")
@@ -363,7 +371,7 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
 @version_option
 @click.pass_context
 def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, warmup, threads, sample_seed, prompt,
-        backend, trust_artifacts, modes, per_call, json_path, **export_flags):
+        backend, trust_artifacts, no_verify, modes, per_call, json_path, **export_flags):
     """Benchmark the runtime (none, Δ-DiT; fp32, int8, OpenVINO engines) against PyTorch eager fp32/bf16 and
     torch.compile.
 
@@ -388,11 +396,20 @@ def cli(ctx, engines, num_steps, interval, boundary, guidance_scale, repeats, wa
         raise click.ClickException(untrusted(backend, backend_class(backend)))  # before any export or worker
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise click.BadParameter(f"the folder of {json_path} does not exist", param_hint="'--json'")
+    if json_path is not None:
+        check_writable(Path(json_path).resolve().parent, "--json")  # before the export and the timing
+    check_steps(num_steps)
+    if boundary is not None and num_steps is not None and boundary > num_steps:  # else known after the export
+        from runtime.schedule import ScheduleError
+
+        raise ScheduleError(f"boundary={boundary} is out of range: expected 0 ≤ boundary ≤ {num_steps} (the boundary "
+                            f"step b, with T={num_steps})")  # the runtime's message, before any export
     folder = _engines_folder(ctx, engines, export_flags)
     settings = BenchSettings(num_steps=num_steps, interval=interval, boundary=boundary, guidance_scale=guidance_scale,
                              repeats=repeats, warmup=warmup, threads=threads, seed=sample_seed, prompt=prompt,
                              backend=backend, modes=tuple(m for m in MODES if m in selected),
-                             trust_artifacts=trust_artifacts, weights=export_flags["weights"], per_call=per_call)
+                             trust_artifacts=trust_artifacts, weights=export_flags["weights"], per_call=per_call,
+                             verify=not no_verify)
     try:
         report = run_bench(folder, settings, Path(json_path) if json_path else None)
     except user_errors() + (BenchError,) as exc:

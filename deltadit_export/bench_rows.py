@@ -145,24 +145,26 @@ def eager_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_step
                   finish=finish)
 
 
-def _runtime(ctx: WorkerContext, engines: str, backend: str, trust_artifacts: bool, backend_options: dict[str, Any]):
+def _runtime(ctx: WorkerContext, engines: str, backend: str, trust_artifacts: bool, backend_options: dict[str, Any],
+             verify: bool = True):
     """The runtime of these engines in this worker: built once, shared by the rows of the worker."""
     from runtime import DeltaDiTRuntime
 
-    key = repr((engines, backend, trust_artifacts, sorted(backend_options.items())))
+    key = repr((engines, backend, trust_artifacts, verify, sorted(backend_options.items())))
     if key not in ctx.shared:
         # The thread count is an option of the CPU backends only (auto passes it on to the candidates that take it).
         options = dict(backend_options)
         if backend in ("auto", "onnxruntime", "openvino"):
             options["threads"] = ctx.threads
-        ctx.shared[key] = DeltaDiTRuntime(engines, backend=backend, trust_artifacts=trust_artifacts, **options)
+        ctx.shared[key] = DeltaDiTRuntime(engines, backend=backend, trust_artifacts=trust_artifacts, verify=verify,
+                                          **options)
     return ctx.shared[key]
 
 
 def runtime_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_steps: int, interval: int,
                 boundary: int, guidance_scale: float, policy: str, backend: str = "onnxruntime",
                 trust_artifacts: bool = False, backend_options: dict[str, Any] | None = None, per_call: bool = False,
-                feeds: list[dict[str, Any]] | None = None, **_) -> Runner:
+                feeds: list[dict[str, Any]] | None = None, verify: bool = True, **_) -> Runner:
     """The runtime with ``policy`` (none or delta-dit), per-segment times (or, per call, the time of each kind of
     call) recorded for every run."""
     from runtime.sampling import generate
@@ -171,7 +173,7 @@ def runtime_row(ctx: WorkerContext, engines: str, inputs: dict[str, Any], num_st
 
     root = Path(engines)
     T, N, b, g = num_steps, interval, boundary, guidance_scale
-    rt = _runtime(ctx, engines, backend, trust_artifacts, backend_options or {})
+    rt = _runtime(ctx, engines, backend, trust_artifacts, backend_options or {}, verify)
     if rt.device.type != "cpu":
         log.warning("the runtime runs on %s but the eager baseline on the CPU: the speedups against eager are not "
                     "like for like", rt.device)

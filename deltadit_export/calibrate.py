@@ -289,8 +289,8 @@ def calibrate_export_options(options, *, psnr_budget: float = DEFAULT_PSNR_BUDGE
     record, CalibrationResult)``. Values the user set explicitly (``--cached-blocks``, ``--interval``,
     ``--boundary``, with ``--precision int8`` also ``--keep-fp32``) are kept and only the others are swept.
     With ``--precision int8`` the chosen fp32 block segments become ``keep_fp32`` (with embed and head)."""
-    from .exporter import OptionError, resolve
-    from .models import build_model
+    from .export_options import OptionError, resolve
+    from .model_weights import build_model
 
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise OptionError(f"--calibrate-prompts={num_prompts!r} is out of range: expected an integer ≥ 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -11,8 +12,10 @@ from runtime.backends import BackendError
 from runtime.manifest import ManifestError
 from runtime.schedule import POLICY_NAMES, ScheduleError, build_schedule, default_cached_blocks
 
+from .cli_types import SEED, Command, FiniteFloat, user_error_types
 from .console import CONTEXT_SETTINGS, quiet, verbosity_options, version_option
-from .models import DEFAULT_MODEL, DEFAULT_SCHEDULE, REGISTRY, ModelError, parse_overrides
+from .model_config import parse_overrides
+from .models import DEFAULT_MODEL, DEFAULT_SCHEDULE, REGISTRY, ModelError
 from .progress import Progress
 
 # Errors that carry a complete message for the user (what is wrong, where, the fix): shown without a traceback.
@@ -20,15 +23,16 @@ USER_ERRORS: tuple[type[Exception], ...] = (ModelError, ScheduleError, ManifestE
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from .exporter import OptionError
+    from .export_options import OptionError
     from .onnx_export import ExportError
+    from .publish import OutputError
 
-    return USER_ERRORS + (OptionError, ExportError)
+    return USER_ERRORS + (OptionError, ExportError, OutputError) + user_error_types()
 
 
 def _registry_help() -> tuple[str, str]:
     """Help texts true for every registry model: their resolutions and their default N_c of L blocks."""
-    from .exporter import ExportOptions, schedule_layers
+    from .export_options import ExportOptions, schedule_layers
 
     resolutions = "; ".join(f"{n} {'|'.join(map(str, REGISTRY[n].resolutions))}" for n in sorted(REGISTRY))
     by_layers: dict[int, list[str]] = {}
@@ -45,7 +49,7 @@ def _registry_help() -> tuple[str, str]:
 RESOLUTIONS_HELP, CACHED_HELP = _registry_help()
 
 
-@click.command(name="export", context_settings=CONTEXT_SETTINGS)
+@click.command(name="export", cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.option("--model", "model", default=DEFAULT_MODEL, show_default=True,
               help=f"Registry name: {', '.join(sorted(REGISTRY))}.")
 @click.option("--resolution", type=int, default=None,
@@ -53,7 +57,7 @@ RESOLUTIONS_HELP, CACHED_HELP = _registry_help()
 @click.option("--weights", type=click.Path(file_okay=False), default=None,
               help="Local diffusers folder (pipeline root or its transformer/). Default: the local HF cache.")
 @click.option("--random-weights", is_flag=True, help="Build the architecture with seeded random weights.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of --random-weights.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a diffusers config field (with --random-weights), e.g. --set num_layers=12.")
 @click.option("--cached-blocks", type=int, default=None,
@@ -82,7 +86,8 @@ RESOLUTIONS_HELP, CACHED_HELP = _registry_help()
                    f"{DEFAULT_SCHEDULE['num_steps']}; scaled as b/T with --steps).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["onnx", "tensorrt", "torch"]),
               help="Artifacts to build besides ONNX: tensorrt (needs the [tensorrt] extra), torch (torch.export).")
-@click.option("--force", is_flag=True, help="Rebuild even if an identical export exists.")
+@click.option("--force", is_flag=True, help="Rebuild even if an identical export exists, and replace an export made "
+              "with other options (without it that is refused). Files of yours in the folder are kept.")
 @click.option("--print-schedule", is_flag=True,
               help="Print the per-step plan for these options and exit (needs only L: no weights are loaded).")
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default="delta-dit", show_default=True,
@@ -90,9 +95,9 @@ RESOLUTIONS_HELP, CACHED_HELP = _registry_help()
 @click.option("--calibrate", is_flag=True,
               help="Sweep (N, N_c, b) in PyTorch first and export the fastest setting within --psnr-budget "
                    "(values given with --interval/--cached-blocks/--boundary are kept).")
-@click.option("--psnr-budget", type=float, default=30.0, show_default=True,
+@click.option("--psnr-budget", type=FiniteFloat(0.0, 200.0), default=30.0, show_default=True,
               help="With --calibrate: worst per-sample PSNR vs full compute, dB.")
-@click.option("--calibrate-prompts", type=int, default=4, show_default=True,
+@click.option("--calibrate-prompts", type=click.IntRange(1, 64), default=4, show_default=True,
               help="With --calibrate: samples (prompts) the sweep measures.")
 @verbosity_options
 @version_option
@@ -102,7 +107,9 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
          calibrate, psnr_budget, calibrate_prompts):
     """Export a PixArt-α, DiT-XL/2 or the shipped pixart-digits transformer as embed/front/middle/rear/head
     engines with a manifest."""
-    from .exporter import ExportOptions, export, get_spec, resolve_schedule, schedule_layers
+    from .export_options import ExportOptions, resolve_schedule, schedule_layers
+    from .exporter import export
+    from .models import get_spec
 
     try:
         options = ExportOptions(
@@ -122,6 +129,12 @@ def main(model, resolution, weights, random_weights, seed, overrides, cached_blo
         calibration = None
         if calibrate:
             from .calibrate import calibrate_export_options
+            from .exporter import check_replaceable
+
+            # Before the sweep: replacing an export made with other options is refused without --force (the
+            # settings the sweep will choose cannot be compared yet).
+            chosen = tuple(k for k in ("cached_blocks", "interval", "boundary") if getattr(options, k) is None)
+            check_replaceable(dataclasses.replace(options, calibration={"psnr_budget_db": psnr_budget}), chosen)
 
             progress = Progress(stream=sys.stderr, quiet=quiet())
             progress.note("calibrating the cache schedule in PyTorch (sweep of N, N_c, b)")

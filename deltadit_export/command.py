@@ -15,6 +15,7 @@ import importlib
 
 import click
 
+from .cli_types import Command, Group
 from .console import CONTEXT_SETTINGS, version_option
 from .timing import prefer_passive_wait
 
@@ -31,7 +32,7 @@ SERVE_MODULES = ("runtime.serving", "runtime.serving.cli")
 
 
 def _serving_missing(reason: str) -> click.Command:
-    @click.command(name="serve", context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": True,
+    @click.command(name="serve", cls=Command, context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": True,
                                                    "allow_extra_args": True},
                    help=f"Serving is not installed: {reason}", add_help_option=False)
     @click.pass_context
@@ -61,7 +62,7 @@ def load_subcommand(name: str) -> click.Command | None:
     raise click.ClickException(f"{module_name} defines none of {', '.join(attributes)} as a click command")
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
     """A group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx):

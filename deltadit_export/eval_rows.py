@@ -201,7 +201,7 @@ def generate_row(setup: EvalSetup, row: RowSpec) -> dict[str, Any]:
     return {"samples": samples, "macs": macs, "seconds": seconds, "cached": False}
 
 
-def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
+def timing_rows(setup: EvalSetup, rows: list[RowSpec], verify: bool = True) -> list:
     """The harness rows (:mod:`.timing`) of the eval rows: one image per run, guidance batch 2.
 
     Run r generates image r mod 10 (a different digit and noise each repeat, the same for every row):
@@ -220,7 +220,7 @@ def timing_rows(setup: EvalSetup, rows: list[RowSpec]) -> list:
             out.append(sample_rows.runtime(row.name, rt.manifest.root, row.policy, row.num_steps, inputs,
                                            setup.guidance, setup.runtime.trust_artifacts,
                                            backend=rt.backend.name if row.precision != "fp32" else "auto",
-                                           backend_options=options))
+                                           backend_options=options, verify=verify))
         else:
             out.append(sample_rows.eager(row.name, engines, row.num_steps, inputs, setup.guidance, hook=row.hook,
                                          params=row.params, weights=setup.weights))

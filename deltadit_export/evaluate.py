@@ -31,7 +31,8 @@ and up: 12 and 13 for L=12); PyTorch eager full compute; and one row per diffuse
 applies to ``PixArtTransformer2DModel`` (FirstBlockCache, Pyramid Attention Broadcast, FasterCache
 without its CFG part, TaylorSeer, MagCache), tuned to a block-work bound close to ``delta-dit``'s
 where the method allows it. Output: a table, ``quality.json``, ``speedup_vs_fd.png`` and sample
-grids in ``--out`` (default ``docs/quality``). Samples are cached per row under ``--work`` (keyed on
+grids in ``--out`` (default ``deltadit-out/<export folder name>/``: its own folder, never the committed
+``docs/quality/`` of a clone, nor the export, which a re-export replaces). Samples are cached per row under ``--work`` (keyed on
 the engines' sha256, the sampler and encoder configs, seed and row settings), so a rerun only recomputes
 what changed.
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ import click
 import numpy as np
 import torch
 
+from .cli_types import GUIDANCE, REPEATS, SEED, THREADS, Command, check_steps
 from .console import CONTEXT_SETTINGS, bar, log, quiet, verbosity_options, version_option
 from .eval_hooks import HOOK_ROWS
 from .eval_metrics import (
@@ -66,39 +69,60 @@ from .eval_rows import (
 )
 from .eval_tuning import tune_hooks
 from .imaging import comparison_image, grid_image, max_abs, psnr, save_png, to_uint8
-from .publish import write_file
+from .publish import check_writable, write_file
 from .timing import TimingError, default_threads, measure, ratio
 
 DEFAULT_EVAL_ENGINES = Path("engines") / "pixart-digits-16-fp32-eval"
-DEFAULT_OUT = Path("docs") / "quality"
+OUT_ROOT = Path("deltadit-out")  # as deltadit-generate: one folder per export, outside it
+ALWAYS_ROWS = ("full", "pytorch full", "delta-dit")
+ROW_NAMES = ("full", "delta-dit", "delta-front", "delta-rear", "output-cache", "pytorch full", *HOOK_ROWS)
+FEWER_STEPS = re.compile(r"fewer steps T=\d+")
 
 
-@click.command(name="eval", context_settings=CONTEXT_SETTINGS)
+def parse_rows(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    """``--rows``: known row names only (a typo must not silently drop a row)."""
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(s.strip() for s in value.split(",") if s.strip()))
+    unknown = [n for n in names if n not in ROW_NAMES and not FEWER_STEPS.fullmatch(n)]
+    if unknown or not names:
+        raise click.BadParameter(f"{', '.join(map(repr, unknown)) or repr(value)}: expected a comma-separated subset of "
+                                 f"{', '.join(ROW_NAMES)}, 'fewer steps T=<n>'", ctx=ctx, param=param)
+    return names
+
+
+def default_out(folder: Path) -> Path:
+    return OUT_ROOT / (Path(folder).resolve().name or "engines")
+
+
+@click.command(name="eval", cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(file_okay=False), default=None,
               help=f"Export folder (default {DEFAULT_EVAL_ENGINES}, exported from the shipped model with "
                    f"--max-batch {EVAL_MAX_BATCH}; re-exported when the weights change).")
-@click.option("--samples-per-digit", type=int, default=50, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (shared by all rows).")
-@click.option("--steps", "num_steps", type=int, default=20, show_default=True)
-@click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale (default: the model's, recorded in the manifest: the model card's "
-                   "for pixart-digits).")
-@click.option("--repeats", type=int, default=15, show_default=True, help="Timed runs per row (median reported).")
-@click.option("--threads", type=int, default=None,
+@click.option("--samples-per-digit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial noise (shared by all rows).")
+@click.option("--steps", "num_steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--guidance", type=GUIDANCE, default=None,
+              help="Classifier-free guidance scale, 1..100; 1 = none (default: the model's, recorded in the "
+                   "manifest: the model card's for pixart-digits).")
+@click.option("--repeats", type=REPEATS, default=15, show_default=True, help="Timed runs per row (median reported).")
+@click.option("--threads", type=THREADS, default=None,
               help="CPU threads of ONNX Runtime and PyTorch for the latency measurement (default: all cores).")
-@click.option("--gen-threads", type=int, default=None,
+@click.option("--gen-threads", type=THREADS, default=None,
               help="Threads for generating the samples (default: --threads); on a shared machine 1 is often faster.")
-@click.option("--rows", "only", default=None,
-              help="Comma-separated subset of rows (e.g. full,delta-dit,FirstBlockCache); full rows always run.")
+@click.option("--rows", "only", default=None, callback=parse_rows,
+              help=f"Comma-separated subset of rows: {', '.join(ROW_NAMES)}, 'fewer steps T=<n>'; "
+                   f"{', '.join(ALWAYS_ROWS)} always run.")
 @click.option("--no-hooks", is_flag=True, help="Skip the diffusers cache-hook rows.")
 @click.option("--precisions", default="int8,bf16", show_default=True,
               help="Reduced-precision rows (full and delta-dit each) and their quality gate: int8 (the int8 export "
                    "of the same model, made next to the eval export), bf16 (OpenVINO, bf16 inference); none: "
                    "no such rows.")
-@click.option("--tuning-images", type=int, default=10, show_default=True,
+@click.option("--tuning-images", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Images (other noise than the eval's) on which hook thresholds are chosen.")
-@click.option("--out", type=click.Path(file_okay=False), default=str(DEFAULT_OUT), show_default=True,
-              help="Folder for quality.json, speedup_vs_fd.png and sample grids.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder for quality.json, speedup_vs_fd.png and sample grids (default {OUT_ROOT}/<export folder "
+                   "name>/; the committed results in docs/quality/ are rewritten only with --out docs/quality).")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Cache of per-row samples (default <engines>.eval-cache next to the export); --work '' disables it.")
 @click.option("--trust-artifacts", is_flag=True,
@@ -107,10 +131,13 @@ DEFAULT_OUT = Path("docs") / "quality"
 @click.option("--weights", type=click.Path(file_okay=False), default=None,
               help="The weights folder the export was made from, for the PyTorch rows (needed when it was exported "
                    "from a local folder, deltadit-export --weights; checked against its weights fingerprint).")
+@click.option("--no-verify", is_flag=True,
+              help="Load the engines without checking their sha256 against the manifest (files you changed on "
+                   "purpose); names and locations are still checked.")
 @verbosity_options
 @version_option
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,
-         precisions, tuning_images, out, work, trust_artifacts, weights):
+         precisions, tuning_images, out, work, trust_artifacts, weights, no_verify):
     """Measure Δ-DiT's quality and speed on pixart-digits against full compute, fewer steps and other caches."""
     from runtime.schedule import ScheduleError
 
@@ -120,11 +147,24 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
 
     wanted_precisions = parse_precisions(precisions)
     t_start = time.perf_counter()
+    check_steps(num_steps)
+    hooks_asked = [n for n in only or () if n in HOOK_ROWS]
+    if no_hooks and hooks_asked:
+        raise click.BadParameter(f"{', '.join(hooks_asked)}: diffusers hook rows, which --no-hooks skips; drop one of "
+                                 "the two", param_hint="'--rows'")
+    # Every folder this run writes is checked first: a read-only or full disk must not cost minutes of work.
+    out_dir = check_writable(Path(out) if out else default_out(engines or DEFAULT_EVAL_ENGINES))
+    if work != "":
+        check_writable(Path(work) if work else work_folder(Path(engines or DEFAULT_EVAL_ENGINES)), "--work")
     torch.set_grad_enabled(False)
     threads = threads or default_threads()
     gen_threads = gen_threads or threads
     torch.set_num_threads(gen_threads)
-    folder, runtime = open_engines(engines, gen_threads, trust_artifacts)
+    folder, runtime = open_engines(engines, gen_threads, trust_artifacts, verify=not no_verify)
+    try:
+        check_rows(runtime, num_steps, only)  # before any sample, classifier or tuning work
+    except ScheduleError as exc:
+        raise click.ClickException(str(exc)) from None
     m = runtime.manifest
     setup = eval_setup(runtime, folder, samples_per_digit, seed, guidance, work, weights)
     digits, guidance = setup.digits, setup.guidance
@@ -151,7 +191,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
 
     log.info("timing one image per row, %d round-robin repeats ...", repeats)
     try:
-        timing = measure(timing_rows(setup, rows), repeats=repeats, threads=threads)
+        timing = measure(timing_rows(setup, rows, verify=not no_verify), repeats=repeats, threads=threads)
     except TimingError as exc:
         raise click.ClickException(str(exc)) from None
     for name, r in results.items():
@@ -161,8 +201,6 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
         r["speedup"] = ratio(timing, r["reference"], name)
     ordered = [results[r.name] for r in rows]
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     title = (f"{m.model['name']}: {len(digits)} samples/row, T={num_steps}, guidance {guidance}, "
              f"{threads} CPU threads")
     figures = write_figures(ordered, samples, samples_per_digit, out_dir, title)
@@ -208,7 +246,7 @@ def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads
     click.echo(f"wrote {json_path}, {', '.join(map(str, figures))} in {time.perf_counter() - t_start:.0f} s")
 
 
-def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = False):
+def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = False, verify: bool = True):
     """(folder, runtime for the samples): ``engines`` as given, or the default eval export of the shipped
     model (exported, or re-exported when its shipped configs changed). The timing builds its own runtimes."""
     from runtime import DeltaDiTRuntime, ManifestError
@@ -216,7 +254,8 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
     from runtime.schedule import ScheduleError
 
     from .cli import user_errors
-    from .exporter import ExportOptions, export
+    from .export_options import ExportOptions, OptionError
+    from .exporter import check_replaceable, export
     from .progress import Progress
     from .sampling import stale_extras
 
@@ -230,10 +269,16 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
                 log.info("the shipped model's sampler/encoder config changed since %s was exported: re-exporting",
                          folder)
                 opts = dataclasses.replace(opts, force=True)
+            try:
+                check_replaceable(opts)
+            except OptionError as exc:  # eval's own folder, made with other options (another version's defaults)
+                log.info("%s was exported with other options than eval's (%s): re-exporting it", folder,
+                         str(exc).split("(", 1)[1].split(")", 1)[0])
+                opts = dataclasses.replace(opts, force=True)
             res = export(opts, Progress(stream=sys.stderr, quiet=quiet()))
             if not res.reused:
                 log.info("%s", res.summary())
-        runtime = DeltaDiTRuntime(folder, threads=gen_threads, trust_artifacts=trust_artifacts)
+        runtime = DeltaDiTRuntime(folder, threads=gen_threads, trust_artifacts=trust_artifacts, verify=verify)
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     return folder, runtime
@@ -267,8 +312,7 @@ def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidanc
         mdl.load_state_dict(state)
         return mdl.eval().requires_grad_(False)
 
-    # Next to the export, not inside it: a re-export replaces the whole export folder.
-    work_dir = None if work == "" else Path(work) if work else folder.parent / f"{folder.name}.eval-cache"
+    work_dir = None if work == "" else Path(work) if work else work_folder(folder)
     # Everything a row's samples depend on besides the row itself: engines, sampler config, text encoder, noise.
     fingerprint = json.dumps({"manifest": m.export.get("cache_key"), "segments": [s.sha256 for s in m.segments],
                               "scheduler": sched_cfg, "encoder": encoder.to_config(), "seed": seed, "n": len(digits),
@@ -277,7 +321,22 @@ def eval_setup(runtime, folder: Path, samples_per_digit: int, seed: int, guidanc
                      fingerprint, weights)
 
 
-def choose_rows(setup: EvalSetup, num_steps: int, only: str | None, no_hooks: bool,
+def work_folder(folder: Path) -> Path:
+    """The default sample cache: next to the export, not inside it (a re-export replaces the export folder)."""
+    return folder.parent / f"{folder.name}.eval-cache"
+
+
+def check_rows(runtime, num_steps: int, only: tuple[str, ...] | None) -> None:
+    """``--rows`` names a fewer-steps row this export and T do not have (their T follow from delta-dit's
+    block-runs): refused before any work."""
+    names = [r.name for r in runtime_rows(runtime, num_steps)] + ["pytorch full"]
+    missing = [n for n in only or () if FEWER_STEPS.fullmatch(n) and n not in names]
+    if missing:
+        raise click.BadParameter(f"{', '.join(map(repr, missing))}: this export's rows are {', '.join(names)} and "
+                                 "the hooks", param_hint="'--rows'")
+
+
+def choose_rows(setup: EvalSetup, num_steps: int, only: tuple[str, ...] | None, no_hooks: bool,
                 tuning_images: int) -> tuple[list[RowSpec], dict[str, Any]]:
     """The rows to run (``--rows`` keeps the full-compute rows and delta-dit) and the hook tuning record."""
     runtime = setup.runtime
@@ -285,7 +344,7 @@ def choose_rows(setup: EvalSetup, num_steps: int, only: str | None, no_hooks: bo
     rows.append(RowSpec("pytorch full", "pytorch", num_steps))
     target = runtime.schedule("delta-dit", num_steps=num_steps).bound
     tuning: dict[str, Any] = {}
-    wanted = None if not only else {s.strip() for s in only.split(",")} | {"full", "pytorch full", "delta-dit"}
+    wanted = None if not only else set(only) | set(ALWAYS_ROWS)
     hook_names = tuple(h for h in HOOK_ROWS if wanted is None or h in wanted)
     if not no_hooks and hook_names:
         log.info("choosing diffusers cache-hook settings ...")

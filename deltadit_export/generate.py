@@ -6,7 +6,8 @@ What it does, on the shipped ``pixart-digits`` model by default:
    library, when that folder has no manifest yet);
 2. encodes the prompts with the text encoder shipped next to the engines (``text_encoder/``);
 3. generates ``--samples`` images per prompt with the Δ-DiT cache and writes ``grid.png`` (one row
-   per prompt);
+   per prompt) into ``--out`` (default ``deltadit-out/<export folder name>/``: never inside the export,
+   which a re-export replaces; checked writable before any work);
 4. generates the same seeds with full compute (runtime policy ``none``) and writes
    ``compare.png``: per prompt, full compute | Δ-DiT | 4× amplified absolute difference;
 5. times one image (classifier-free guidance, so the engines run batch 2) with PyTorch eager (the
@@ -32,9 +33,11 @@ import torch
 from runtime.schedule import POLICY_NAMES
 
 from . import sample_rows
+from .cli_types import GUIDANCE, REPEATS, SEED, THREADS, Command
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .imaging import comparison_image, grid_image, psnr, save_png, to_uint8
 from .models import check_prompt, model_guidance
+from .publish import check_writable
 from .rebuild import resolve_weights
 from .sampling import (
     default_guidance, encode_prompts, initial_noise, load_text_encoder, runtime_generate, stale_extras,
@@ -44,6 +47,13 @@ from .timing import TimingError, default_threads, format_table, measure
 DEFAULT_MODEL = "pixart-digits"
 DEFAULT_ENGINES = Path("engines") / "pixart-digits-16-fp32"
 DEFAULT_SAMPLES = 8
+OUT_ROOT = Path("deltadit-out")  # outputs of generate and eval, one folder per export: never the export itself
+MAX_IMAGES = 10000  # prompts × samples of one run (the noise and embeddings are held in memory at once)
+
+
+def default_out(engines: str | Path) -> Path:
+    """``deltadit-out/<export folder name>/``: outside the export folder (a re-export replaces that folder)."""
+    return OUT_ROOT / (Path(engines).resolve().name or "engines")
 
 
 def default_prompts() -> list[str]:
@@ -59,7 +69,8 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
     folder = Path(folder)
     if (folder / MANIFEST_NAME).is_file():
         return folder
-    from .exporter import ExportOptions, export
+    from .export_options import ExportOptions
+    from .exporter import export
     from .progress import Progress
 
     log.info("no export at %s: exporting %s first", folder, model)
@@ -69,27 +80,28 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
     return folder
 
 
-@click.command(name="generate", context_settings=CONTEXT_SETTINGS)
+@click.command(name="generate", cls=Command, context_settings=CONTEXT_SETTINGS)
 @click.option("--engines", type=click.Path(file_okay=False), default=None,
               help=f"Export folder (default {DEFAULT_ENGINES}; exported first if it has no manifest).")
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt (repeatable). Default: 'a handwritten digit 0'..'9' (all that pixart-digits knows).")
-@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+@click.option("--samples", type=click.IntRange(1, 1000), default=DEFAULT_SAMPLES, show_default=True,
               help="Images per prompt.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--steps", "num_steps", type=click.IntRange(min=1), default=None,
               help="Denoising steps T (default: the manifest's).")
-@click.option("--guidance", type=float, default=None,
-              help=f"Classifier-free guidance scale (default: the model's, recorded in the manifest: "
-                   f"{model_guidance(DEFAULT_MODEL):g} for {DEFAULT_MODEL}, from its model card).")
+@click.option("--guidance", type=GUIDANCE, default=None,
+              help=f"Classifier-free guidance scale, 1..100; 1 = none (default: the model's, recorded in the "
+                   f"manifest: {model_guidance(DEFAULT_MODEL):g} for {DEFAULT_MODEL}, from its model card).")
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default="delta-dit", show_default=True,
               help="Cache policy of the grid.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for grid.png and compare.png (default: the export folder).")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help=f"Folder for grid.png and compare.png (default {OUT_ROOT}/<export folder name>/, outside the "
+                   "export).")
+@click.option("--repeats", type=REPEATS, default=5, show_default=True,
               help="Timed rounds (median and min–max reported).")
 @click.option("--no-timing", is_flag=True, help="Skip the latency comparison.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="CPU threads of ONNX Runtime and PyTorch (default: all this process may use).")
 @click.option("--trust-artifacts", is_flag=True,
               help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
@@ -97,10 +109,13 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
 @click.option("--weights", type=click.Path(file_okay=False), default=None,
               help="The weights folder the export was made from, for the PyTorch eager timing (needed when it was "
                    "exported from a local folder, deltadit-export --weights; checked against its weights fingerprint).")
+@click.option("--no-verify", is_flag=True,
+              help="Load the engines without checking their sha256 against the manifest (files you changed on "
+                   "purpose); names and locations are still checked.")
 @verbosity_options
 @version_option
 def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads,
-         trust_artifacts, weights):
+         trust_artifacts, weights, no_verify):
     """Generate images with the exported engines and the Δ-DiT cache; compare with full compute and PyTorch eager."""
     from runtime import DeltaDiTRuntime, ManifestError
     from runtime.schedule import ScheduleError
@@ -112,9 +127,13 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     prompts = list(prompts) or default_prompts()
+    if len(prompts) * samples > MAX_IMAGES:
+        raise click.BadParameter(f"{len(prompts)} prompts × {samples} samples = {len(prompts) * samples} images, more "
+                                 f"than the {MAX_IMAGES} one run generates; pass fewer", param_hint="'--samples'")
+    out_dir = check_writable(Path(out) if out else default_out(engines or DEFAULT_ENGINES))  # before any work
     try:
         folder = Path(engines) if engines else ensure_export(DEFAULT_ENGINES)
-        runtime = DeltaDiTRuntime(folder, threads=threads, trust_artifacts=trust_artifacts)
+        runtime = DeltaDiTRuntime(folder, threads=threads, trust_artifacts=trust_artifacts, verify=not no_verify)
         m = runtime.manifest
         if m.export.get("vae_scale_factor", 8) != 1:
             raise click.ClickException(f"{m.model['name']} works in a VAE latent space; deltadit-generate writes "
@@ -134,7 +153,6 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
             resolve_weights(m, weights, refusal_hint="or skip the PyTorch timing (--no-timing)")
     except (ManifestError, ScheduleError) + user_errors() as exc:
         raise click.ClickException(str(exc)) from None
-    out_dir = Path(out) if out else folder
     P, S = len(prompts), samples
     embeds, mask = encode_prompts(encoder, [p for p in prompts for _ in range(S)])
     negative = encode_prompts(encoder, [""])
@@ -166,10 +184,11 @@ def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repe
     if not no_timing:
         one = [(embeds[:1], mask[:1], negative, noise[:1])]
         rows = [sample_rows.eager("pytorch eager", folder, s.num_steps, one, guidance, weights=weights),
-                sample_rows.runtime("runtime none", folder, "none", s.num_steps, one, guidance, trust_artifacts)]
+                sample_rows.runtime("runtime none", folder, "none", s.num_steps, one, guidance, trust_artifacts,
+                                    verify=not no_verify)]
         if s.policy != "none":
             rows.append(sample_rows.runtime(f"runtime {s.policy}", folder, s.policy, s.num_steps, one, guidance,
-                                            trust_artifacts))
+                                            trust_artifacts, verify=not no_verify))
         try:
             lat = measure(rows, repeats=repeats, threads=threads)
         except TimingError as exc:

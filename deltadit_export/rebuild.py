@@ -22,7 +22,8 @@ import logging
 import os
 from typing import Any
 
-from .models import ModelError, WeightsSource, build_model, get_spec, locate_weights, weights_fingerprint
+from .model_weights import WeightsSource, build_model, locate_weights, weights_fingerprint
+from .models import ModelError, get_spec
 
 log = logging.getLogger("deltadit")
 SOURCE_KINDS = ("random", "bundled", "hf-cache", "local")
@@ -133,7 +134,7 @@ def rebuild_model(manifest, weights: str | os.PathLike | None = None, *, as_expo
         raise ModelError(f"the rebuilt model has {len(model.transformer_blocks)} blocks, the manifest "
                          f"{manifest.num_layers}: the weights changed since the export; re-export with --force")
     if as_exported and manifest.precision == "fp16":
-        from .exporter import keep_norms_fp32
+        from .export_build import keep_norms_fp32
 
         model = model.half()
         keep_norms_fp32(model)  # as the exporter did

@@ -18,14 +18,14 @@ OneImage = tuple[Any, Any, tuple[Any, Any], Any]
 
 def runtime_row(ctx: WorkerContext, engines: str, policy: str, num_steps: int | None, inputs: list[OneImage],
                 guidance: float, trust_artifacts: bool = False, backend: str = "auto",
-                backend_options: dict[str, Any] | None = None) -> Runner:
+                backend_options: dict[str, Any] | None = None, verify: bool = True) -> Runner:
     from runtime import DeltaDiTRuntime
 
     from .sampling import runtime_generate
     from .timing_worker import runtime_thread_info
 
     rt = DeltaDiTRuntime(engines, backend=backend, threads=ctx.threads, trust_artifacts=trust_artifacts,
-                         **(backend_options or {}))
+                         verify=verify, **(backend_options or {}))
     schedule = rt.schedule(policy, num_steps=num_steps)
 
     def run(i: int):
@@ -60,10 +60,11 @@ def eager_row(ctx: WorkerContext, engines: str, num_steps: int, inputs: list[One
 
 
 def runtime(name: str, engines, policy: str, num_steps: int | None, inputs: list[OneImage], guidance: float,
-            trust_artifacts: bool = False, backend: str = "auto", backend_options: dict[str, Any] | None = None) -> Row:
+            trust_artifacts: bool = False, backend: str = "auto", backend_options: dict[str, Any] | None = None,
+            verify: bool = True) -> Row:
     return Row(name, runtime_row, {"engines": str(engines), "policy": policy, "num_steps": num_steps,
                                    "inputs": inputs, "guidance": guidance, "trust_artifacts": trust_artifacts,
-                                   "backend": backend, "backend_options": backend_options or {}})
+                                   "backend": backend, "backend_options": backend_options or {}, "verify": verify})
 
 
 def eager(name: str, engines, num_steps: int, inputs: list[OneImage], guidance: float, hook: str | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 
 from runtime.manifest import Manifest, load_manifest
 
-from .exporter import ExportOptions
+from .export_options import ExportOptions
 
 INT8_ONLY = ("keep_fp32", "int8_tolerance")
 

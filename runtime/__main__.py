@@ -17,6 +17,23 @@ from .manifest import ManifestError, load_manifest
 from .schedule import POLICY_NAMES, ScheduleError, build_schedule, scaled_boundary
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class OneErrorLineGroup(click.Group):
+    """Every failure is one ``Error:`` line: the manifest's own errors with their message, anything else (a bug)
+    as one line naming the exception, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except (ManifestError, ScheduleError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001  (the last guard)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise click.ClickException(f"unexpected {type(exc).__name__}{f': {first}' if first else ''} (a deltadit "
+                                       "bug: please report it with the command line)") from None
 FOLDER = click.Path(exists=True, file_okay=False)
 
 
@@ -72,7 +89,7 @@ def version_option(f):
                         help="Show the version and exit.")(f)
 
 
-@click.group(name="runtime", context_settings=CONTEXT_SETTINGS)
+@click.group(name="runtime", cls=OneErrorLineGroup, context_settings=CONTEXT_SETTINGS)
 @version_option
 def cli():
     """Inspect an export folder: its manifest and files, or the per-step plan of a cache policy."""

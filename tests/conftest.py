@@ -24,18 +24,6 @@ def dit_export(tmp_path_factory) -> Path:
     return export_tiny(tmp_path_factory.mktemp("exports") / "dit", "dit-xl-2")
 
 
-@pytest.fixture(scope="session")
-def digits_export(tmp_path_factory) -> Path:
-    """The shipped pixart-digits model, exported: it carries scheduler/ and text_encoder/ configs. Shared read-only
-    (tests that change it work on a copy)."""
-    from deltadit_export.exporter import ExportOptions, export
-    from deltadit_export.progress import Progress
-
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    export(ExportOptions(out=str(out)), Progress(quiet=True))
-    return out
-
-
 @pytest.fixture()
 def one_torch_thread():
     """torch on one thread for the test (restored after): for tests of tiny models."""
@@ -46,11 +34,19 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def digits_export(tmp_path_factory) -> Path:
-    """The shipped pixart-digits model exported as `deltadit-export` does by default (max batch 4 images), read-only."""
-    from deltadit_export.exporter import ExportOptions, export
+def shipped_export(tmp_path_factory) -> Path:
+    """The shipped pixart-digits model exported as `deltadit export` does by default (pixel space, max batch 4
+    images, with scheduler/ and text_encoder/): what generate, eval and the servers run on. Shared read-only."""
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
     from deltadit_export.progress import Progress
 
-    out = tmp_path_factory.mktemp("exports") / "pixart-digits"
-    export(ExportOptions(model="pixart-digits", out=str(out)), Progress(quiet=True))
+    out = tmp_path_factory.mktemp("shipped") / "pixart-digits-16-fp32"
+    export(ExportOptions(out=str(out)), Progress(quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_export(shipped_export) -> Path:
+    """The same export under the name the serving and trust tests use (one export for the whole session)."""
+    return shipped_export

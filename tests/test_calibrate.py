@@ -176,7 +176,7 @@ def test_cli_calibrate_records_the_choice_in_the_manifest(tmp_path):
 
 def test_explicit_options_are_kept_and_only_the_rest_is_swept():
     from deltadit_export.calibrate import calibrate_export_options
-    from deltadit_export.exporter import ExportOptions
+    from deltadit_export.export_options import ExportOptions
 
     opts = ExportOptions(model="pixart-alpha", resolution=TINY_RESOLUTION, random_weights=True,
                          overrides=dict(TINY_PIXART_SET), num_steps=4, cached_blocks=3, boundary=2)

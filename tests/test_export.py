@@ -212,7 +212,7 @@ def test_hugging_face_cache_layout(tmp_path, monkeypatch):
     (tmp_path / "hub" / "models--PixArt-alpha--PixArt-XL-2-512x512" / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from deltadit_export.exporter import ExportOptions, resolve
+    from deltadit_export.export_options import ExportOptions, resolve
 
     job = resolve(ExportOptions(model="pixart-alpha", out=str(tmp_path / "o")))
     assert job.source.kind == "hf-cache" and job.source.repo_id == "PixArt-alpha/PixArt-XL-2-512x512"
@@ -236,7 +236,8 @@ def test_reexport_reuses_and_force_rebuilds(pixart_export, tmp_path):
 
     folder = tmp_path / "copy"
     shutil.copytree(pixart_export, folder)
-    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
     from deltadit_export.progress import Progress
 
     opts = ExportOptions(model="pixart-alpha", resolution=TINY_RESOLUTION, random_weights=True,
@@ -278,7 +279,7 @@ def test_backend_that_cannot_be_built_here_fails_before_any_work(tmp_path):
 def test_shipped_sampler_config_is_part_of_the_cache_key(tmp_path, monkeypatch):
     """The scheduler and text-encoder configs travel with a shipped model's engines: changing them re-exports."""
     import deltadit_export.models as models
-    from deltadit_export.exporter import ExportOptions, resolve
+    from deltadit_export.export_options import ExportOptions, resolve
 
     shutil.copytree(models.PACKAGE_WEIGHTS / "pixart-digits", tmp_path / "pixart-digits")
     monkeypatch.setattr(models, "PACKAGE_WEIGHTS", tmp_path)

@@ -1,4 +1,5 @@
-"""Fuzzing (issue 5): the manifest loader and the runtime's input checks, a few hundred cases in CI.
+"""Fuzzing (issue 5, issue 9 §5): the manifest loader, the runtime's input checks and every command line, a few
+hundred cases each in CI.
 
 Properties:
 - a mutated or random manifest is either refused with a ManifestError, or accepted as one the runtime can run:
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -279,3 +282,202 @@ def test_fuzz_runtime_inputs(model, fuzz_runtimes):
 
     check()
     assert seen[True] >= 10 and seen[False] >= 10, seen  # both sides of the oracle were exercised
+
+
+# ------------------------------------------------------------------------------------------------ command lines
+# Every option of every command (issue 9 §5): a fuzzed command line ends in one of three ways: exit 0 (help,
+# version, --print-schedule, runtime info/schedule), one `Error:` line with exit 1 or 2 (never a traceback,
+# never the last guard's "unexpected" line, which would be an unmapped failure: a bug), or it passes every
+# check and reaches the real work, where the test cuts it off (CutOff) so a few hundred cases stay fast.
+
+
+# DELTADIT_FUZZ_SCALE=20 runs 20× the cases with fresh randomness (a longer local hunt; CI runs the fixed set).
+SCALE = int(os.environ.get("DELTADIT_FUZZ_SCALE", "1"))
+
+
+def cli_fuzz(examples: int) -> settings:
+    if SCALE == 1:
+        return fuzz(examples)
+    return settings(fuzz(examples), max_examples=examples * SCALE, derandomize=False)
+
+
+class CutOff(BaseException):
+    """Raised where a command's real work would start: every option check passed."""
+
+
+def _stop(*args, **kwargs):
+    raise CutOff()
+
+
+@pytest.fixture
+def cut_off_work(monkeypatch, tmp_path):
+    from deltadit_export import bench, calibrate, evaluate, export_build
+
+    monkeypatch.setattr(export_build, "build", _stop)  # every export (export, and generate/bench/eval's own)
+    monkeypatch.setattr(calibrate, "calibrate_export_options", _stop)
+    # generate: at the first engine step, after its own checks and runtime.generate's (guidance, inputs)
+    monkeypatch.setattr(DeltaDiTRuntime, "step", _stop)
+    monkeypatch.setattr(bench, "measure", _stop)  # after the schedule, the prompt and the inputs are made
+    monkeypatch.setattr(evaluate, "reference_classifier", _stop)  # after the prompts, noise and model are made
+    monkeypatch.chdir(tmp_path)  # default outputs and exports land here, never in the repository
+    return tmp_path
+
+
+# Per option, values that pass its own check ("good") and edges and garbage it must refuse ("bad"). A case
+# gives a few options good values and at most two a bad one, so that a bad value is met deep in a command
+# whose other options are fine (not only at the first option click parses).
+BAD_INTS = ["0", "-1", "257", "1025", "10001", "100000000", str(2**63), str(2**70), "abc", "", "1.5", "nan", " 4"]
+BAD_FLOATS = ["0", "-1", "0.5", "101", "nan", "NaN", "inf", "-inf", "1e400", "abc", "", "1e-300"]
+TEXT = ["x", "", "\udcff", "a" * 300, "-", "--", "../../etc/passwd"]
+GOOD = {
+    "resolution": ["64", "16"], "opset": ["18"], "max_batch": ["2"], "samples": ["1", "2"], "repeats": ["1"],
+    "threads": ["1"], "gen_threads": ["1"], "num_steps": ["2", "4"], "steps": ["2", "4"], "boundary": ["1", "2"],
+    "interval": ["2"], "cached_blocks": ["3", "4"], "samples_per_digit": ["1"], "tuning_images": ["1"],
+    "warmup": ["0", "1"], "seed": ["0", "7"], "sample_seed": ["0", "7"], "calibrate_prompts": ["1"],
+    "psnr_budget": ["0", "30"], "int8_tolerance": ["0.05"], "guidance": ["1", "3"], "guidance_scale": ["2"],
+    "model": ["pixart-digits", "pixart-alpha", "dit-xl-2"], "overrides": ["num_layers=3", "attention_head_dim=8"],
+    "prompts": ["a handwritten digit 3", "A HANDWRITTEN DIGIT 7!", ""], "prompt": ["a handwritten digit 3"],
+    "modes": ["none", "eager,none", "delta-dit"], "only": ["full", "TaylorSeer", "delta-dit,MagCache"],
+    "keep_fp32": ["embed,head", "none"], "backend": ["onnxruntime", "auto"], "policy": ["delta-dit", "none"],
+}
+BAD = {
+    "model": ["pixart-beta", "", "\udcff"],
+    "overrides": ["num_layers=abc", "norm_eps=abc", "norm_eps=NaN", "norm_eps=-1", "x=1", "=", "num_layers",
+                  "patch_size=0", "attention_head_dim=100000", "num_layers=100000", "dropout=2",
+                  "norm_type=ada_norm_zero", "caption_channels=null", "sample_size=[1]", "num_layers=" + "9" * 5000,
+                  "num_attention_heads=1024"],
+    "prompts": ["digit 11", "\udcff", "a" * 300], "prompt": ["digit 11", "\udcff"],
+    "modes": ["bogus", ",", "torch-compile,bogus"], "only": ["bogus", ",", "fewer steps T=99", "fewer steps T=x"],
+    "keep_fp32": ["bogus", "middle", ""], "backend": ["bogus", "torch", "tensorrt", "openvino"], "policy": ["fastest"],
+    # The classes of issue 9 §5, one entry each: a torch-overflowing seed, non-finite guidance, zero counts.
+    **{k: [str(2**64), str(2**70), "-1"] for k in ("seed", "sample_seed")},
+    **{k: ["0", "-1", "100000"] for k in ("threads", "gen_threads", "samples_per_digit", "samples", "repeats")},
+    **{k: ["nan", "inf", "-inf", "0.5", "1e400"] for k in ("guidance", "guidance_scale", "psnr_budget",
+                                                           "int8_tolerance")},
+}
+
+
+# Options most cases give (out of 10; others 3): the export a command runs on, so that cases reach its deeper
+# checks instead of the default export (cut off at once); the architecture of a random-weights export.
+OFTEN = {"engines": 8, "random_weights": 6, "model": 5}
+
+
+def _cli_paths(root: Path, tiny: Path, shipped: Path) -> dict[str, list[str]]:
+    """Paths per option: good ones by option name (what that option needs), and the bad ones (key None)."""
+    afile = root / "a-file"
+    afile.write_text("x")
+    (root / "empty").mkdir(exist_ok=True)
+    return {"engines": [str(shipped)], "folder": [str(tiny), str(shipped)], "out": [str(root / "new" / "out")],
+            "json_path": [str(root / "new" / "bench.json")], "work": [str(root / "new" / "work"), ""],
+            "weights": [str(root / "missing")], "bench engines": [str(tiny), str(shipped)],
+            None: [str(root / "missing"), str(afile), str(afile / "below"), str(root / "empty"), "", "\udcff",
+                   "/proc/none/x", ".", str(tiny)]}
+
+
+def _values(param, paths: dict[str, list[str]], command_name: str) -> tuple[list[str], list[str]]:
+    """(good, bad) values of one option."""
+    import click
+
+    kind = param.type
+    if isinstance(kind, click.Path):
+        key = "bench engines" if (command_name, param.name) == ("bench", "engines") else param.name
+        return paths.get(key, paths[None]), paths[None]
+    if isinstance(kind, click.Choice):
+        good, bad = list(kind.choices), ["bogus", ""]
+    elif isinstance(kind, (click.types.IntParamType, click.IntRange)):
+        good, bad = ["1", "2", "3"], BAD_INTS
+    elif isinstance(kind, click.types.FloatParamType) or kind.name == "float":
+        good, bad = ["1.5", "3"], BAD_FLOATS
+    else:
+        good, bad = ["x"], TEXT
+    return GOOD.get(param.name, good), BAD.get(param.name, bad)
+
+
+@st.composite
+def command_line(draw, command, prefix: list[str], paths: dict[str, list[str]]):
+    params = [p for p in command.params if p.name not in ("version", "help")]
+    chosen = [p for p in params if p.param_type_name == "argument" or draw(st.integers(0, 9)) < OFTEN.get(p.name, 3)]
+    if command.name == "bench" and "engines" in {p.name for p in chosen} and draw(st.integers(0, 9)):
+        from deltadit_export.bench import EXPORT_FLAGS  # they exclude --engines: mostly left out with it
+
+        chosen = [p for p in chosen if p.name not in EXPORT_FLAGS]
+    spoiled = set(draw(st.lists(st.sampled_from([p.name for p in chosen] or ["-"]), min_size=1, max_size=2)))
+    argv = []
+    for param in chosen:
+        good, bad = _values(param, paths, command.name)
+        pick = lambda: draw(st.sampled_from(bad if param.name in spoiled else good))  # noqa: E731
+        if param.param_type_name == "argument":
+            argv.append(pick())
+            continue
+        flag = draw(st.sampled_from(param.opts))
+        if param.is_flag or getattr(param, "count", False):
+            argv.append(flag)
+            continue
+        for _ in range(draw(st.integers(1, 2)) if param.multiple else 1):
+            argv += [flag, pick()]
+    extra = draw(st.sampled_from([[]] * 12 + [["--bogus"], ["stray"], ["-h"], ["--version"], ["--out"]]))
+    return prefix + argv + extra
+
+
+def _commands():
+    from deltadit_export import command as group
+
+    runtime = group.load_subcommand("runtime")
+    return [("export", group.load_subcommand("export"), ["export"], 150),
+            ("generate", group.load_subcommand("generate"), ["generate"], 150),
+            ("bench", group.load_subcommand("bench"), ["bench"], 100),
+            ("eval", group.load_subcommand("eval"), ["eval"], 100),
+            ("runtime info", runtime.commands["info"], ["runtime", "info"], 40),
+            ("runtime schedule", runtime.commands["schedule"], ["runtime", "schedule"], 60)]
+
+
+def check_command_line(argv: list[str], seen: dict[str, int]) -> None:
+    from deltadit_export import command as group
+
+    try:
+        r = CliRunner().invoke(group.deltadit, argv)
+    except CutOff:
+        seen["cut off"] += 1
+        return
+    shown = f"{argv!r}:\n{r.output}"
+    assert r.exception is None or isinstance(r.exception, SystemExit), (shown, r.exception)
+    assert r.exit_code in (0, 1, 2), shown
+    assert "Traceback" not in r.output, shown
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    if r.exit_code == 2 and not errors and r.output.startswith("Usage:"):
+        seen["ok"] += 1  # a group without its command: click shows the help (exit 2)
+    elif r.exit_code:
+        assert len(errors) == 1, shown
+        assert not errors[0].startswith("Error: unexpected "), shown  # the last guard fired: an unmapped failure
+        seen["refused"] += 1
+    else:
+        seen["ok"] += 1
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _commands()])
+def test_fuzz_command_lines(name, cut_off_work, pixart_export, shipped_export):
+    _, command, prefix, examples = next(c for c in _commands() if c[0] == name)
+    paths = _cli_paths(cut_off_work, pixart_export, shipped_export)
+    seen = {"ok": 0, "refused": 0, "cut off": 0}
+
+    @cli_fuzz(examples)
+    @given(command_line(command, prefix, paths))
+    def check(argv):
+        check_command_line(argv, seen)
+
+    check()
+    assert seen["refused"] >= examples // 2, seen  # most cases fail in option validation, before any work
+    assert seen["cut off"] or name.startswith("runtime"), seen  # and some pass every check (the deep paths ran)
+
+
+def test_fuzz_the_group(cut_off_work):
+    seen = {"ok": 0, "refused": 0, "cut off": 0}
+
+    @cli_fuzz(25)
+    @given(st.lists(st.sampled_from(["export", "generate", "bench", "eval", "runtime", "serve", "info", "schedule",
+                                     "bogus", "-h", "--version", "--bogus", "", "\udcff", "-v", "-q"]), max_size=3))
+    def check(argv):
+        check_command_line(argv, seen)
+
+    check()
+    assert seen["ok"] and seen["refused"], seen

@@ -67,7 +67,8 @@ def test_shipped_weights_load():
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory):
     """The README's main command in a fresh folder: `deltadit-generate` with no export yet exports the
-    shipped model into engines/pixart-digits-16-fp32 itself, then writes its PNGs there."""
+    shipped model into engines/pixart-digits-16-fp32 itself, then writes its PNGs outside it, into
+    deltadit-out/pixart-digits-16-fp32/."""
     from deltadit_export.generate import main
 
     root = tmp_path_factory.mktemp("readme")
@@ -93,12 +94,14 @@ def test_generate_exports_generates_and_times(readme_run):
     assert (folder / "scheduler" / "scheduler_config.json").is_file()
     from PIL import Image
 
-    grid = Image.open(folder / "grid.png")
+    outputs = root / "deltadit-out" / "pixart-digits-16-fp32"  # never inside the export (a re-export replaces it)
+    assert not (folder / "grid.png").exists() and not (folder / "compare.png").exists()
+    grid = Image.open(outputs / "grid.png")
     assert grid.size == (2 + 2 * (64 + 2), 2 + 10 * (64 + 2))  # 10 prompts × 2 samples, 4× upscaled
-    assert (folder / "compare.png").is_file()
+    assert (outputs / "compare.png").is_file()
     for needle in ("latency per image", "pytorch eager", "runtime none", "runtime delta-dit", "bound 1.60×",
                    "OMP_WAIT_POLICY=PASSIVE", "load average (1 min)", "guidance 3,",
-                   f"wrote {Path('engines') / 'pixart-digits-16-fp32' / 'grid.png'}"):
+                   f"wrote {Path('deltadit-out') / 'pixart-digits-16-fp32' / 'grid.png'}"):
         assert needle in res.output, (needle, res.output)
 
 

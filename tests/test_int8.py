@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from tiny import TINY_PIXART_SET, TINY_RESOLUTION, export_tiny, rebuild_model, set_args
 
 from deltadit_export.cli import main as export_cli
-from deltadit_export.exporter import ExportOptions, OptionError, export, resolve
+from deltadit_export.export_options import ExportOptions, OptionError, resolve
+from deltadit_export.exporter import export
 from deltadit_export.onnx_export import ExportError
 from deltadit_export.progress import Progress
 from deltadit_export.quantize import INT8_TOLERANCE

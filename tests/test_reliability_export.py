@@ -26,10 +26,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from deltadit_export import export_build as build_mod
 from deltadit_export import exporter as exporter_mod
 from deltadit_export import publish as publish_mod
 from deltadit_export.cli import main as cli_main
-from deltadit_export.exporter import ExportOptions, OptionError, export, resolve, reusable
+from deltadit_export.export_options import ExportOptions, OptionError, resolve
+from deltadit_export.exporter import export, reusable
 from deltadit_export.models import ModelError
 from deltadit_export.onnx_export import ExportError
 from deltadit_export.progress import Progress
@@ -158,7 +160,7 @@ def test_bad_model_or_weights_refused_before_any_work(case, weights_dirs, tmp_pa
     if "weights" in kwargs and name != "weights-and-random":
         kwargs.setdefault("random_weights", False)
         kwargs.setdefault("overrides", {})
-    monkeypatch.setattr(exporter_mod, "_build", lambda *a, **k: pytest.fail("work started for a bad input"))
+    monkeypatch.setattr(build_mod, "build", lambda *a, **k: pytest.fail("work started for a bad input"))
     out = tmp_path / "engines" / "out"
     with pytest.raises(exc_type) as info:
         export(tiny_options(out, **kwargs), QUIET)
@@ -264,7 +266,7 @@ def test_cli_shows_user_errors_without_traceback(argv, message, tmp_path):
 
 def test_out_folder_that_is_not_an_export_is_never_replaced(tmp_path, monkeypatch):
     """A stale or wrong --out (a user's folder, a file) is refused before any work; its contents stay."""
-    monkeypatch.setattr(exporter_mod, "_build", lambda *a, **k: pytest.fail("work started for a bad --out"))
+    monkeypatch.setattr(build_mod, "build", lambda *a, **k: pytest.fail("work started for a bad --out"))
     user = tmp_path / "photos"
     user.mkdir()
     (user / "cat.jpg").write_bytes(b"meow")
@@ -339,7 +341,7 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
 
     monkeypatch.setattr(onnx, "save_model", save_model)
     with pytest.raises(ExportError) as info:
-        export(tiny_options(prev_export, seed=1), QUIET)
+        export(tiny_options(prev_export, seed=1, force=True), QUIET)
     msg = str(info.value)
     assert "disk full while writing the export" in msg and "middle.onnx" in msg
     assert f"the previous export at {prev_export} is untouched" in msg and "Free space" in msg
@@ -348,9 +350,9 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
     def full_manifest(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(exporter_mod, "write_manifest", full_manifest)
+    monkeypatch.setattr(build_mod, "write_manifest", full_manifest)
     with pytest.raises(ExportError, match="disk full while writing the export"):
-        export(tiny_options(prev_export, seed=1), QUIET)
+        export(tiny_options(prev_export, seed=1, force=True), QUIET)
     monkeypatch.undo()
     assert snapshot(prev_export) == before and assert_complete(prev_export) == key
     assert not [p for p in prev_export.parent.iterdir() if p.name.startswith(".")], "partial files left"
@@ -358,13 +360,13 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
     monkeypatch.setattr(exporter_mod, "staging_dir", full_manifest)
     result = CliRunner().invoke(cli_main, ["--model", "pixart-alpha", "--random-weights", "--resolution",
                                            str(TINY_RESOLUTION), *set_args(TINY_PIXART_SET), "--seed", "1",
-                                           "--out", str(prev_export), "-q"])
+                                           "--force", "--out", str(prev_export), "-q"])
     assert result.exit_code == 1 and "Error: disk full while writing the export" in result.output
     assert "Traceback" not in result.output
     monkeypatch.undo()
     # The rerun succeeds; it is also the check that a changed option (the seed) rebuilds instead of reusing.
     old = load_manifest(prev_export)
-    rerun = export(tiny_options(prev_export, seed=1), QUIET)
+    rerun = export(tiny_options(prev_export, seed=1, force=True), QUIET)
     new = load_manifest(prev_export)
     assert not rerun.reused and assert_complete(prev_export) != key
     assert new.segment("front").sha256 != old.segment("front").sha256
@@ -390,12 +392,12 @@ def test_really_full_disk(pixart_export, tiny_tmpfs):
     shutil.copytree(pixart_export, out)
     before, key = snapshot(out), load_manifest(out).export["cache_key"]
     with pytest.raises(ExportError) as info:
-        export(tiny_options(out, seed=1), QUIET)
+        export(tiny_options(out, seed=1, force=True), QUIET)
     assert "disk full while writing the export" in str(info.value)
     assert snapshot(out) == before and assert_complete(out) == key
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["pix"], "partial files left on the full disk"
     subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_tmpfs)], check=True)
-    assert export(tiny_options(out, seed=1), QUIET).reused is False
+    assert export(tiny_options(out, seed=1, force=True), QUIET).reused is False
     assert assert_complete(out) != key
 
 
@@ -478,9 +480,9 @@ def test_recover_restores_parked_and_removes_stale_temporaries(tmp_path):
 DRIVER = r"""
 import json, os, signal, sys, types
 import deltadit_export.cli as cli
-import deltadit_export.exporter as exporter
+import deltadit_export.export_build as build
 import deltadit_export.publish as publish
-import deltadit_export.onnx_export, deltadit_export.split, deltadit_export.models
+import deltadit_export.onnx_export, deltadit_export.split, deltadit_export.models, deltadit_export.exporter
 import diffusers, onnx, onnxruntime
 from diffusers import PixArtTransformer2DModel  # noqa: heavy lazy import, done once before forking
 
@@ -489,8 +491,8 @@ def die():
 
 def arm(point):
     if point == "after-manifest":  # staging folder complete, not yet swapped in
-        real = exporter.write_manifest
-        exporter.write_manifest = lambda *a, **k: (real(*a, **k), die())
+        real = build.write_manifest
+        build.write_manifest = lambda *a, **k: (real(*a, **k), die())
     elif point == "after-exchange":  # swapped in; the previous export sits in the staging folder
         real_x = publish._exchange
         publish._exchange = lambda a, b: (real_x(a, b) and die())
@@ -578,7 +580,7 @@ def test_sigkilled_export_never_damages_previous(pixart_export, prev_export, tmp
     output folder is a complete export (byte-identical to the previous one unless the swap had happened), no
     folder with a manifest is partial, and a rerun cleans up and succeeds."""
     args = ["--model", "pixart-alpha", "--random-weights", "--resolution", str(TINY_RESOLUTION),
-            *set_args(TINY_PIXART_SET), "--seed", "1", "--out", str(prev_export)]
+            *set_args(TINY_PIXART_SET), "--seed", "1", "--force", "--out", str(prev_export)]
     driver = ExportDriver(tmp_path)
     rng = random.Random(5)
     old_key = load_manifest(prev_export).export["cache_key"]

@@ -332,7 +332,8 @@ def test_unrecorded_companion_file_refused(digits_export, tmp_path):
 def test_old_manifest_without_companion_hashes_is_refused_then_rebuilt(digits_export, tmp_path):
     """Decision: an export from before companion files were hashed is not loaded (its sampler config could have been
     changed unseen); the message says to re-export, and deltadit-export rebuilds it instead of reusing it."""
-    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
     from deltadit_export.progress import Progress
 
     folder = copy_export(digits_export, tmp_path)

@@ -44,7 +44,8 @@ def tiny_dit(num_layers: int = 6, seed: int = 0):
 
 def export_tiny(out: Path, model: str = "pixart-alpha", **options) -> Path:
     """Export a tiny random model through the real exporter (library call, no subprocess)."""
-    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
     from deltadit_export.progress import Progress
 
     overrides = TINY_PIXART_SET if model == "pixart-alpha" else TINY_DIT_SET
@@ -56,7 +57,8 @@ def export_tiny(out: Path, model: str = "pixart-alpha", **options) -> Path:
 
 def rebuild_model(out: Path):
     """The diffusers model an export of export_tiny came from (same seed and overrides)."""
-    from deltadit_export.models import WeightsSource, build_model, get_spec
+    from deltadit_export.model_weights import WeightsSource, build_model
+    from deltadit_export.models import get_spec
     from runtime.manifest import load_manifest
 
     m = load_manifest(out)

@@ -117,7 +117,8 @@ def rel_err(ref, got) -> float:
 def do_export(args, report: Report, out_dir: Path, with_trt: bool):
     import torch
 
-    from deltadit_export.exporter import ExportOptions, export
+    from deltadit_export.export_options import ExportOptions
+    from deltadit_export.exporter import export
     from deltadit_export.progress import Progress
 
     kept = {}
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
             for policy in ("none", "delta-dit"):
                 key = f"runtime {policy} [{label}]"
                 log(f"timing {key}")
-                lat[key] = time_it(lambda: runtime_generate(rt, embeds, mask, latents, args.steps, policy),
+                lat[key] = time_it(lambda rt=rt: runtime_generate(rt, embeds, mask, latents, args.steps, policy),
                                    device, args.repeats)
                 report.save()
             if hasattr(rt.backend, "scratch_bytes"):
