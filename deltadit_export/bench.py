@@ -98,59 +98,6 @@ def bench_rows(engines: Path, modes: tuple[str, ...], common: dict[str, Any], ba
     return [rows[m] for m in MODES if m in modes]
 
 
-def int8_variant(engines: Path, quiet_progress: bool = True, weights: str | None = None) -> Path:
-    """The int8 export of the same model as ``engines`` (same weights, cuts and schedule; embed and head fp32),
-    next to it: exported once, reused afterwards (the exporter's cache key).
-
-    The export runs in a child process: it loads the whole fp32 model and its ONNX (at full width ~6 GB at its
-    peak), memory this process would otherwise keep from the allocator while the timed workers run."""
-    import multiprocessing
-
-    from .variants import export_options_like, sibling_folder
-
-    out = sibling_folder(engines, "int8")
-    log.info("int8 rows: the int8 export of the same model at %s (exported once, reused when it exists)", out)
-    named = {"weights": weights} if weights else {}  # a local source is read only from a folder the user names
-    options = export_options_like(engines, precision="int8", out=str(out), force=False, **named)
-    ctx = multiprocessing.get_context("spawn")
-    replies = ctx.SimpleQueue()
-    child = ctx.Process(target=_export_variant, args=(options, quiet_progress, log.getEffectiveLevel(), replies))
-    child.start()
-    child.join()
-    reply = replies.get() if not replies.empty() else ("error", f"the int8 export process died (exit code "
-                                                                f"{child.exitcode}); its error is printed above")
-    if reply[0] == "error":
-        raise BenchError(f"int8 rows: {reply[1]}")
-    return Path(reply[1])
-
-
-def _export_variant(options, quiet_progress: bool, level: int, replies) -> None:
-    """In the child process of :func:`int8_variant`: export, and reply ("ok", folder) or ("error", message)."""
-    import logging
-
-    from .cli import user_errors
-    from .console import setup_logging
-    from .exporter import export
-    from .progress import Progress
-
-    setup_logging()
-    logging.getLogger("deltadit").setLevel(level)
-    try:
-        result = export(options, Progress(stream=sys.stderr, quiet=quiet_progress))
-    except user_errors() as exc:
-        replies.put(("error", str(exc)))
-        return
-    except Exception as exc:  # a bug: the traceback goes to stderr, one line to the parent
-        import traceback
-
-        traceback.print_exc()
-        replies.put(("error", f"the export failed: {type(exc).__name__}: {exc}"))
-        return
-    if not result.reused:
-        log.info("%s", result.summary())
-    replies.put(("ok", str(result.out)))
-
-
 def _check_modes_usable(modes: tuple[str, ...]) -> None:
     import importlib.util
 
@@ -217,7 +164,13 @@ def run_bench(engines: Path, settings: BenchSettings, json_path: Path | None = N
     _check_modes_usable(settings.modes)
     int8_engines = None
     if any(RUNTIME_MODES.get(m, ("",))[0] == "int8" for m in settings.modes):
-        int8_engines = int8_variant(Path(engines), quiet_progress=quiet(), weights=settings.weights)
+        from .variants import VariantError, export_variant
+
+        try:
+            int8_engines = export_variant(engines, "int8", weights=settings.weights, quiet_progress=quiet(),
+                                          in_child=True)
+        except VariantError as exc:
+            raise BenchError(f"int8 rows: {exc}") from None
     common = {"engines": str(Path(engines).resolve()), "inputs": inputs, "num_steps": T, "interval": N,
               "boundary": b, "guidance_scale": settings.guidance_scale, "weights": settings.weights,
               "per_call": settings.per_call}

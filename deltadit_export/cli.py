@@ -94,7 +94,8 @@ RESOLUTIONS_HELP, CACHED_HELP = _registry_help()
               help="With --print-schedule: the cache policy to plan.")
 @click.option("--calibrate", is_flag=True,
               help="Sweep (N, N_c, b) in PyTorch first and export the fastest setting within --psnr-budget "
-                   "(values given with --interval/--cached-blocks/--boundary are kept).")
+                   "(values given with --interval/--cached-blocks/--boundary are kept); with --precision int8 "
+                   "also which block segments stay fp32 (--keep-fp32 given: kept).")
 @click.option("--psnr-budget", type=FiniteFloat(0.0, 200.0), default=30.0, show_default=True,
               help="With --calibrate: worst per-sample PSNR vs full compute, dB.")
 @click.option("--calibrate-prompts", type=click.IntRange(1, 64), default=4, show_default=True,

@@ -6,10 +6,14 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
+from .imaging import comparison_image, grid_image, save_png, to_uint8
 from .publish import write_file
 
 TARGETS = {"speedup": 1.5, "accuracy_points": 2.0, "fd_relative": 0.10}
@@ -222,3 +226,15 @@ def gate_lines(gate: dict[str, Any] | None, precision: str, missing: str | None 
     if gate["delta_vs_fp32_full"] is not None:
         lines.append(f"  for the record (not gated): {_check_text(gate['delta_vs_fp32_full'], judged=False)}")
     return lines
+
+
+def write_figures(ordered: list[dict[str, Any]], samples: dict[str, "torch.Tensor"], per: int, out_dir: Path,
+                  title: str) -> list[Path]:
+    """speedup_vs_fd.png, samples_delta-dit.png (one row per digit), compare_full_vs_delta-dit.png."""
+    plot_path = plot(ordered, out_dir / "speedup_vs_fd.png", title)
+    grid_idx = np.concatenate([np.arange(min(10, per)) + d * per for d in range(10)])
+    grid_path = save_png(grid_image(to_uint8(samples["delta-dit"][grid_idx]), cols=min(10, per), scale=3),
+                         out_dir / "samples_delta-dit.png")
+    cmp_path = save_png(comparison_image(samples["full"][grid_idx], samples["delta-dit"][grid_idx], 10,
+                                         min(10, per), shown=min(3, per)), out_dir / "compare_full_vs_delta-dit.png")
+    return [plot_path, grid_path, cmp_path]

@@ -96,28 +96,20 @@ def open_precision_runtimes(folder: Path, precisions: tuple[str, ...], threads: 
                             quiet_progress: bool = True, weights: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Runtimes of the reduced-precision engine sets: ({precision: runtime}, {precision: why it is left out}).
 
-    int8: the int8 export of the eval export (``variants.export_options_like``), exported next to it once and
+    int8: the int8 export of the eval export (``variants.export_variant``), exported next to it once and
     reused. bf16: the eval export on OpenVINO with ``inference_precision="bf16"``; left out (with the reason)
     when OpenVINO is not installed or the CPU has no bf16 instructions: never fp32 under a bf16 name."""
-    import sys
-
     from runtime import DeltaDiTRuntime
     from runtime.backends import BackendError
 
-    from .exporter import export
-    from .progress import Progress
-    from .variants import export_options_like, sibling_folder
+    from .variants import export_variant
 
     runtimes: dict[str, Any] = {}
     missing: dict[str, str] = {}
     for p in precisions:
         if p == "int8":
-            out = sibling_folder(folder, "int8")
-            log.info("int8 rows: the int8 export of the same model at %s (exported once, reused)", out)
-            named = {"weights": weights} if weights else {}  # a local source only from a folder the user names
-            res = export(export_options_like(folder, precision="int8", out=str(out), force=False, **named),
-                         Progress(stream=sys.stderr, quiet=quiet_progress))
-            runtimes[p] = DeltaDiTRuntime(res.out, backend="onnxruntime", threads=threads)
+            out = export_variant(folder, "int8", weights=weights, quiet_progress=quiet_progress)
+            runtimes[p] = DeltaDiTRuntime(out, backend="onnxruntime", threads=threads)
         elif p == "bf16":
             try:
                 runtimes[p] = DeltaDiTRuntime(folder, backend="openvino", threads=threads, inference_precision="bf16",

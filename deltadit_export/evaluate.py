@@ -36,8 +36,9 @@ grids in ``--out`` (default ``deltadit-out/<export folder name>/``: its own fold
 the engines' sha256, the sampler and encoder configs, seed and row settings), so a rerun only recomputes
 what changed.
 
-Layout: this module is the command (open the export, score every row, write the report); the rows and
-their sample generation are in eval_rows.py, the diffusers hooks in eval_hooks.py and their
+Layout: this module is the command (open the export, choose the rows, write the report); scoring every
+row (samples, accuracy, FD with its bootstrap, PSNR) is in eval_scoring.py, the rows and their sample
+generation in eval_rows.py, the diffusers hooks in eval_hooks.py and their
 tuning in eval_tuning.py, FD and the classifier in eval_metrics.py, table/plot/verdicts in
 eval_report.py; PSNR and image grids in imaging.py.
 """
@@ -57,18 +58,18 @@ import numpy as np
 import torch
 
 from .cli_types import GUIDANCE, REPEATS, SEED, THREADS, Command, check_steps
-from .console import CONTEXT_SETTINGS, bar, log, quiet, verbosity_options, version_option
+from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .eval_hooks import HOOK_ROWS
-from .eval_metrics import (
-    CLASSIFIER_SEED, bootstrap_fd, feature_stats, frechet_distance_from_stats, reference_classifier,
+from .eval_metrics import CLASSIFIER_SEED, feature_stats, frechet_distance_from_stats, reference_classifier
+from .eval_report import (
+    _cpu_name, _finite, _json_default, format_table, gate_lines, precision_gate, verdicts, write_figures,
 )
-from .eval_report import _cpu_name, _finite, _json_default, format_table, gate_lines, plot, precision_gate, verdicts
 from .eval_rows import (
-    EVAL_MAX_BATCH, EvalSetup, RowSpec, generate_row, open_precision_runtimes, parse_precisions, precision_rows,
+    EVAL_MAX_BATCH, EvalSetup, RowSpec, open_precision_runtimes, parse_precisions, precision_rows,
     runtime_rows, timing_rows,
 )
+from .eval_scoring import score_rows
 from .eval_tuning import tune_hooks
-from .imaging import comparison_image, grid_image, max_abs, psnr, save_png, to_uint8
 from .publish import check_writable, write_file
 from .timing import TimingError, default_threads, measure, ratio
 
@@ -353,66 +354,6 @@ def choose_rows(setup: EvalSetup, num_steps: int, only: tuple[str, ...] | None, 
     if wanted is not None:
         rows = [r for r in rows if r.name in wanted]
     return rows, tuning
-
-
-def score_rows(setup: EvalSetup, rows: list[RowSpec], clf, ref_stats, num_steps: int):
-    """Generate every row's samples and score them: accuracy, FD (with paired bootstrap), PSNR, max|Δ|, bound.
-    Returns (results by row name, samples by row name, bootstrap FDs by row name)."""
-    runtime, digits = setup.runtime, setup.digits
-    results: dict[str, dict[str, Any]] = {}
-    samples: dict[str, torch.Tensor] = {}
-    features: dict[str, np.ndarray] = {}  # classifier features per row: FD now, the paired bootstrap after
-    for row in bar(rows, desc="eval rows", unit="row", leave=True):
-        g = generate_row(setup, row)
-        samples[row.name] = g["samples"]
-        x = g["samples"]
-        pred = clf.predict(x)
-        features[row.name] = clf.features(x)
-        results[row.name] = {
-            "name": row.name, "engine": row.engine, "precision": row.precision, "num_steps": row.num_steps,
-            "policy": row.policy,
-            "hook": row.hook, "params": row.params, "note": row.note, "reference": row.reference,
-            "accuracy": float(np.mean(pred == digits)),
-            "per_digit_accuracy": [float(np.mean(pred[digits == d] == d)) for d in range(10)],
-            "fd": frechet_distance_from_stats(*feature_stats(features[row.name]), *ref_stats),
-            "generation_seconds": round(g["seconds"], 1), "macs": g["macs"],
-            "nonfinite": int((~torch.isfinite(x)).sum()),
-        }
-        if row.engine == "runtime" and row.policy != "none":
-            s = runtime.schedule(row.policy, num_steps=row.num_steps)
-            results[row.name].update(bound=s.bound, schedule=s.to_dict())
-        elif row.engine == "runtime":
-            results[row.name]["bound"] = num_steps / row.num_steps
-        took = "cached" if g["cached"] else f"{g['seconds']:.0f} s"
-        log.info("  %s: accuracy %.1f%%, FD %.2f (%s)", row.name, 100 * results[row.name]["accuracy"],
-                 results[row.name]["fd"], took)
-    boot = bootstrap_fd(features, ref_stats)
-    for name, r in results.items():
-        r["fd_bootstrap_std"] = float(boot[name].std(ddof=1))
-    full_macs = results.get("pytorch full", {}).get("macs")
-    for name, r in results.items():
-        ref = samples[r["reference"]] if r["reference"] in samples else None
-        r["psnr"] = psnr(samples[name], ref) if ref is not None else None
-        r["max_abs"] = max_abs(samples[name], ref) if ref is not None else None
-        if r["engine"] == "pytorch":
-            r["bound"] = full_macs / r["macs"] if full_macs and r["macs"] else None
-    if "pytorch full" in results and "full" in samples:
-        # Sanity: PyTorch eager and the ONNX Runtime engines compute the same full-compute samples.
-        results["pytorch full"]["psnr_vs_runtime_full"] = psnr(samples["pytorch full"], samples["full"])
-        results["pytorch full"]["max_abs_vs_runtime_full"] = max_abs(samples["pytorch full"], samples["full"])
-    return results, samples, boot
-
-
-def write_figures(ordered: list[dict[str, Any]], samples: dict[str, torch.Tensor], per: int, out_dir: Path,
-                  title: str) -> list[Path]:
-    """speedup_vs_fd.png, samples_delta-dit.png (one row per digit), compare_full_vs_delta-dit.png."""
-    plot_path = plot(ordered, out_dir / "speedup_vs_fd.png", title)
-    grid_idx = np.concatenate([np.arange(min(10, per)) + d * per for d in range(10)])
-    grid_path = save_png(grid_image(to_uint8(samples["delta-dit"][grid_idx]), cols=min(10, per), scale=3),
-                         out_dir / "samples_delta-dit.png")
-    cmp_path = save_png(comparison_image(samples["full"][grid_idx], samples["delta-dit"][grid_idx], 10,
-                                         min(10, per), shown=min(3, per)), out_dir / "compare_full_vs_delta-dit.png")
-    return [plot_path, grid_path, cmp_path]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ changes, an export of the same weights and cuts at another precision::
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,11 @@ from runtime.manifest import Manifest, load_manifest
 from .export_options import ExportOptions
 
 INT8_ONLY = ("keep_fp32", "int8_tolerance")
+log = logging.getLogger("deltadit")
+
+
+class VariantError(RuntimeError):
+    """The export of a variant failed in its child process (the message says why)."""
 
 
 def export_options_like(folder: str | os.PathLike | Manifest, **changes: Any) -> ExportOptions:
@@ -80,3 +87,61 @@ def sibling_folder(folder: str | os.PathLike, precision: str) -> Path:
     if new == name:
         new = f"{name}-{precision}"
     return folder.parent / new
+
+
+def export_variant(folder: str | os.PathLike, precision: str, *, weights: str | None = None,
+                   quiet_progress: bool = True, in_child: bool = False) -> Path:
+    """The export of the same model as ``folder`` at ``precision`` (same weights, cuts and schedule), in
+    :func:`sibling_folder`: exported once, reused afterwards (the exporter's cache key). Returns its folder.
+
+    ``in_child``: export in a spawned process, for callers that go on to time or hold other models: an export
+    loads the whole fp32 model and its ONNX (at full width ~6 GB at its peak), memory a long-lived process would
+    otherwise keep from the allocator. Its failures come back as :class:`VariantError`; in-process ones are the
+    exporter's own errors."""
+    out = sibling_folder(folder, precision)
+    log.info("%s rows: the %s export of the same model at %s (exported once, reused when it exists)",
+             precision, precision, out)
+    named = {"weights": weights} if weights else {}  # a local source is read only from a folder the user names
+    options = export_options_like(folder, precision=precision, out=str(out), force=False, **named)
+    if not in_child:
+        from .exporter import export
+        from .progress import Progress
+
+        return export(options, Progress(stream=sys.stderr, quiet=quiet_progress)).out
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    replies = ctx.SimpleQueue()
+    child = ctx.Process(target=_export_in_child, args=(options, quiet_progress, log.getEffectiveLevel(), replies))
+    child.start()
+    child.join()
+    reply = replies.get() if not replies.empty() else ("error", f"the {precision} export process died (exit code "
+                                                                f"{child.exitcode}); its error is printed above")
+    if reply[0] == "error":
+        raise VariantError(reply[1])
+    return Path(reply[1])
+
+
+def _export_in_child(options: ExportOptions, quiet_progress: bool, level: int, replies) -> None:
+    """In the child process of :func:`export_variant`: export, and reply ("ok", folder) or ("error", message)."""
+    from .cli import user_errors
+    from .console import setup_logging
+    from .exporter import export
+    from .progress import Progress
+
+    setup_logging()
+    log.setLevel(level)
+    try:
+        result = export(options, Progress(stream=sys.stderr, quiet=quiet_progress))
+    except user_errors() as exc:
+        replies.put(("error", str(exc)))
+        return
+    except Exception as exc:  # a bug: the traceback goes to stderr, one line to the parent
+        import traceback
+
+        traceback.print_exc()
+        replies.put(("error", f"the export failed: {type(exc).__name__}: {exc}"))
+        return
+    if not result.reused:
+        log.info("%s", result.summary())
+    replies.put(("ok", str(result.out)))

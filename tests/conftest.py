@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,3 +52,39 @@ def shipped_export(tmp_path_factory) -> Path:
 def digits_export(shipped_export) -> Path:
     """The same export under the name the serving and trust tests use (one export for the whole session)."""
     return shipped_export
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A factory of real tmpfs file systems of a given size (needs mount rights: root in the CI container),
+    unmounted after the test; remountable read-only or larger by the test."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(name: str, size: str) -> Path:
+        mnt = tmp_path / name
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture()
+def forbid_work(monkeypatch):
+    """Every entry into real work (export, engines, runtime) fails the test: for refusals that must come first."""
+    import runtime
+    from deltadit_export import bench, evaluate, export_build, generate
+
+    boom = lambda *a, **k: pytest.fail("work started before the options and the output folder were checked")  # noqa: E731
+    monkeypatch.setattr(export_build, "build", boom)
+    monkeypatch.setattr(generate, "ensure_export", boom)
+    monkeypatch.setattr(runtime, "DeltaDiTRuntime", boom)
+    monkeypatch.setattr(evaluate, "open_engines", boom)
+    monkeypatch.setattr(bench, "_engines_folder", boom)

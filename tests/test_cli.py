@@ -285,19 +285,6 @@ def test_files_are_written_through_a_temporary_and_renamed(tmp_path):
 # ---------------------------------------------------------------- every error is one Error: line (issue 9 §5)
 
 
-def _no_model_work(monkeypatch):
-    """Any of these running means an option was not checked before the work: the test fails."""
-    import runtime
-    from deltadit_export import bench, evaluate, export_build, generate
-
-    boom = lambda *a, **k: pytest.fail("work started before the options were checked")  # noqa: E731
-    monkeypatch.setattr(export_build, "build", boom)
-    monkeypatch.setattr(generate, "ensure_export", boom)
-    monkeypatch.setattr(runtime, "DeltaDiTRuntime", boom)
-    monkeypatch.setattr(evaluate, "open_engines", boom)
-    monkeypatch.setattr(bench, "_engines_folder", boom)
-
-
 GUIDANCE_RANGE = "expected a number ≥ 1 and ≤ 100; 1 = no guidance, > 1 turns classifier-free guidance on"
 TINY_EXPORT = ["--model", "pixart-alpha", "--random-weights", "--resolution", str(TINY_RESOLUTION),
                *set_args(TINY_PIXART_SET)]
@@ -355,9 +342,8 @@ ISSUE_CASES = [  # (argv, exit code, the Error line) for the failures listed in 
 
 
 @pytest.mark.parametrize("argv, code, line", ISSUE_CASES, ids=[" ".join(c[0][:3])[:40] for c in ISSUE_CASES])
-def test_each_failure_of_the_issue_is_one_error_line(argv, code, line, monkeypatch, tmp_path):
+def test_each_failure_of_the_issue_is_one_error_line(argv, code, line, monkeypatch, tmp_path, forbid_work):
     monkeypatch.chdir(tmp_path)
-    _no_model_work(monkeypatch)
     r = CliRunner().invoke(command.deltadit, argv)
     assert r.exit_code == code, r.output
     assert "Traceback" not in r.output

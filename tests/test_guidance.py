@@ -9,7 +9,6 @@ forward to ~1e-6 per call in fp32 (test_runtime); guidance (1 + 2g) and 6 solver
 most ~10², and a wrong batch order is off by O(1) (0.9 and more).
 """
 
-import numpy as np
 import pytest
 import torch
 from tiny import rebuild_model

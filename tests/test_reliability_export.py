@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from deltadit_export import export_build as build_mod
@@ -106,7 +105,7 @@ MODEL_CASES = [
     ("unknown-model", lambda w, t: dict(model="pixart-beta"), ModelError,
      ["unknown model 'pixart-beta'", "dit-xl-2, pixart-alpha, pixart-digits"]),
     ("weights-missing", lambda w, t: dict(weights=str(t / "nope")), ModelError,
-     [f"nope does not exist", "--random-weights"]),
+     ["nope does not exist", "--random-weights"]),
     ("weights-is-file", lambda w, t: (t.joinpath("f").write_text("x"), dict(weights=str(t / "f")))[1], ModelError,
      ["is a file, not a directory"]),
     ("weights-no-config", lambda w, t: (t.joinpath("empty").mkdir(), dict(weights=str(t / "empty")))[1], ModelError,
@@ -373,21 +372,8 @@ def test_disk_full_mid_export_keeps_previous_and_rerun_succeeds(prev_export, mon
     assert not [p for p in prev_export.parent.iterdir() if p.name.startswith(".")]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A real 520 KiB file system: room for one tiny export (332 KiB), not two. Needs mount rights (root)."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=520k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
-
-
-def test_really_full_disk(pixart_export, tiny_tmpfs):
+def test_really_full_disk(pixart_export, tmpfs):
+    tiny_tmpfs = tmpfs("small-disk", "520k")  # room for one tiny export (332 KiB), not two
     out = tiny_tmpfs / "pix"
     shutil.copytree(pixart_export, out)
     before, key = snapshot(out), load_manifest(out).export["cache_key"]

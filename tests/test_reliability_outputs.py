@@ -292,17 +292,9 @@ def test_write_failures_keep_the_previous_file_and_say_why(tmp_path, monkeypatch
 
 
 @pytest.fixture
-def small_mount(tmp_path):
-    """A real 1 MiB tmpfs (needs mount rights: root in the CI container); remountable read-only."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+def small_mount(tmpfs):
+    """A real 1 MiB tmpfs; remountable read-only."""
+    return tmpfs("disk", "1m")
 
 
 def test_check_writable_on_a_real_full_and_read_only_disk(small_mount):
@@ -319,25 +311,11 @@ def test_check_writable_on_a_real_full_and_read_only_disk(small_mount):
         publish.check_writable(small_mount / "out")
 
 
-def _no_work(monkeypatch):
-    """Every entry into real work fails the test: refusals must come first."""
-    import runtime
-    from deltadit_export import bench, evaluate, export_build, generate
-
-    boom = lambda *a, **k: pytest.fail("work started before the output folder was checked")  # noqa: E731
-    monkeypatch.setattr(export_build, "build", boom)
-    monkeypatch.setattr(generate, "ensure_export", boom)
-    monkeypatch.setattr(runtime, "DeltaDiTRuntime", boom)
-    monkeypatch.setattr(evaluate, "open_engines", boom)
-    monkeypatch.setattr(bench, "_engines_folder", boom)
-
-
 @pytest.mark.parametrize("command", ["generate", "eval", "bench"])
-def test_an_unwritable_output_is_refused_before_any_work(command, tmp_path, monkeypatch, request):
+def test_an_unwritable_output_is_refused_before_any_work(command, tmp_path, monkeypatch, request, forbid_work):
     """A file where the output folder should be (always), and a real read-only disk (where mounts work)."""
     from deltadit_export import command as group
 
-    _no_work(monkeypatch)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     flag = {"generate": "--out", "eval": "--out", "bench": "--json"}[command]

@@ -17,7 +17,7 @@ import torch
 from runtime import DeltaDiTRuntime, GenerationError, InputError, ManifestError, NonFiniteError, generate
 from runtime.backends import BackendError
 from runtime.dropin import DeltaDiTTransformer
-from runtime.integrity import file_sha256, verify_segment_files
+from runtime.integrity import file_sha256
 from runtime.manifest import MANIFEST_NAME, load_manifest
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import rebuild_model
 
-from deltadit_export.split import diffusers_forward, model_shape
+from deltadit_export.split import diffusers_forward
 from runtime import DeltaDiTRuntime, GenerationError
 from runtime.sampling import default_scheduler, generate
 

@@ -65,7 +65,6 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from deltadit_export.digits import (  # noqa: E402
     load_digit_split,
