@@ -136,6 +136,9 @@ def test_per_call_rows(fp32_folder, tmp_path_factory):
     assert NOT_FP32 < rows["int8-delta-dit"]["rel_err_vs_eager"] <= INT8_LOOSE
     assert "ms/call" in stdout and "per call" in stdout
     assert "reference" not in report["modes"]["eager"]  # no generation: no reference Δ-DiT
+    # The report says what was compared: a call's output, not final latents; no Δ-DiT reference row.
+    assert "of the call's output" in stdout and "final latents" not in stdout
+    assert "independent Δ-DiT" not in stdout and "delta-dit's full call vs eager" in stdout
 
 
 def test_per_step_mean_of_a_cycle():
