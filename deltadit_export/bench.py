@@ -263,7 +263,11 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
                  f"no --engines and no model flags: the default export of {options.model}")
         result = export(options, Progress(stream=sys.stderr, quiet=quiet()))
     except user_errors() as exc:
-        raise click.ClickException(str(exc)) from None
+        message = str(exc)
+        held = message.partition(" holds an export made with other options")
+        if held[1]:  # e.g. a calibrated export in the default folder: it can be benchmarked as it is
+            message += f", or benchmark that export as it is with --engines {held[0]}"
+        raise click.ClickException(message) from None
     log.info("%s", result.summary())
     return result.out
 

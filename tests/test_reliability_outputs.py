@@ -228,6 +228,19 @@ def test_cli_refusal_is_one_error_line(own_export):
         "folder to keep both"]
 
 
+def test_bench_refusal_over_another_export_offers_engines(own_export):
+    """bench with model flags over an export made with other options (a calibrated default folder, say) is refused
+    like the export, and names the way to benchmark that export as it is."""
+    from deltadit_export import command
+
+    r = CliRunner().invoke(command.deltadit, ["bench", *TINY_ARGS, "--opset", "17", "--out", str(own_export), "-q"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines() == [
+        f"Error: {own_export} holds an export made with other options (--opset 18 → 17); an export is never "
+        "replaced by one with other options without --force: pass --force to replace it, or --out another "
+        f"folder to keep both, or benchmark that export as it is with --engines {own_export}"]
+
+
 # ------------------------------------------------------------------------------------------------ atomic files
 
 KILL_BEFORE_RENAME = r"""
