@@ -61,15 +61,19 @@ def verify_segment_files(manifest: Manifest, names: tuple[str, ...] | None = Non
             path = manifest.path_of(file)
             if not path.is_file():
                 raise ManifestError(f"segment {seg.name!r}: file {path} is missing; {FIX_REEXPORT}")
-            try:
-                digest = file_sha256(path)
-            except OSError as exc:
-                raise ManifestError(f"segment {seg.name!r}: cannot read {path} ({exc.strerror or exc}); check its "
-                                    "permissions") from None
-            if digest != recorded:
-                raise ManifestError(
-                    f"segment {seg.name!r}: {path} was changed or damaged after export ({path.stat().st_size} "
-                    f"bytes, sha256 {digest[:12]}… ≠ recorded {recorded[:12]}…); {FIX_REEXPORT}, {FIX_VERIFY}")
+            _check_digest(path, recorded, f"segment {seg.name!r}")
+
+
+def _check_digest(path: Path, recorded: str, what: str, so: str = "") -> None:
+    """``path`` (an existing file) has the sha256 ``recorded``; else a ManifestError naming ``what`` and the fix."""
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise ManifestError(f"{what}: cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+    if digest != recorded:
+        raise ManifestError(
+            f"{what}: {path} was changed or damaged after export ({path.stat().st_size} bytes, sha256 "
+            f"{digest[:12]}… ≠ recorded {recorded[:12]}…); {so}{FIX_REEXPORT}, {FIX_VERIFY}")
 
 
 # ---------------------------------------------------------------- companion files
@@ -93,16 +97,7 @@ def verify_companion_files(manifest: Manifest) -> None:
         if not path.is_file():
             raise ManifestError(f"companion file {rel!r}: {path} is missing; {FIX_REEXPORT}")
         _check_size(path)
-        try:
-            digest = file_sha256(path)
-        except OSError as exc:
-            raise ManifestError(f"companion file {rel!r}: cannot read {path} ({exc.strerror or exc}); check its "
-                                "permissions") from None
-        if digest != recorded:
-            raise ManifestError(
-                f"companion file {rel!r}: {path} was changed or damaged after export ({path.stat().st_size} bytes, "
-                f"sha256 {digest[:12]}… ≠ recorded {recorded[:12]}…); the runtime samples with it, so "
-                f"{FIX_REEXPORT}, {FIX_VERIFY}")
+        _check_digest(path, recorded, f"companion file {rel!r}", so="the runtime samples with it, so ")
     if manifest.root is None:
         return
     for sub in COMPANION_DIRS:
