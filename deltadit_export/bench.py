@@ -41,7 +41,10 @@ from .bench_baseline import (
 )
 from .bench_report import build_report, format_report
 from .bench_rows import DEFAULT_MODES, MODES, PEERS, RUNTIME_MODES, SEGMENT_NAMES, call_feeds, per_step_ms
-from .cli_types import REPEATS, SEED, THREADS, WARMUP, Command, FiniteFloat, GUIDANCE_HINT, check_steps
+from .cli_types import (
+    GUIDANCE_HINT, NO_VERIFY_OPTION, REPEATS, SEED, THREADS, TRUST_ARTIFACTS_OPTION, WARMUP, Command, FiniteFloat,
+    check_steps,
+)
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .models import check_prompt
 from .publish import check_writable, write_file
@@ -310,12 +313,8 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
               help="Prompt, for exports that ship a text encoder (pixart-digits).")
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="Runtime backend (onnxruntime: the CPU, like the eager baseline; auto: the fastest usable).")
-@click.option("--trust-artifacts", is_flag=True,
-              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
-              "for exports you made or trust. Without it auto uses ONNX Runtime.")
-@click.option("--no-verify", is_flag=True,
-              help="Load the engines without checking their sha256 against the manifest (files you changed on "
-                   "purpose); names and locations are still checked.")
+@TRUST_ARTIFACTS_OPTION
+@NO_VERIFY_OPTION
 @click.option("--modes", default=",".join(DEFAULT_MODES), show_default=True,
               help=f"Comma-separated rows of {','.join(MODES)}, or all (the full peer table; int8-* export the "
                    "int8 variant next to the export first, openvino-* need the [openvino] extra).")

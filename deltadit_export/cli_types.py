@@ -25,6 +25,16 @@ THREADS = click.IntRange(1, 1024)
 REPEATS = click.IntRange(1, 1000)
 WARMUP = click.IntRange(0, 100)
 
+# The engine-loading options of generate, bench and eval (the same meaning everywhere, so one definition).
+TRUST_ARTIFACTS_OPTION = click.option(
+    "--trust-artifacts", is_flag=True,
+    help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only for "
+         "exports you made or trust. Without it auto uses ONNX Runtime.")
+NO_VERIFY_OPTION = click.option(
+    "--no-verify", is_flag=True,
+    help="Load the engines without checking their sha256 against the manifest (files you changed on purpose); "
+         "names and locations are still checked.")
+
 
 class FiniteFloat(click.ParamType):
     """A float within ``[low, high]`` (``low`` excluded with ``low_open``), never NaN or infinite."""

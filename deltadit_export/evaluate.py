@@ -57,7 +57,7 @@ import click
 import numpy as np
 import torch
 
-from .cli_types import GUIDANCE, REPEATS, SEED, THREADS, Command, check_steps
+from .cli_types import GUIDANCE, NO_VERIFY_OPTION, REPEATS, SEED, THREADS, TRUST_ARTIFACTS_OPTION, Command, check_steps
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .eval_hooks import HOOK_ROWS
 from .eval_metrics import CLASSIFIER_SEED, feature_stats, frechet_distance_from_stats, reference_classifier
@@ -126,15 +126,11 @@ def default_out(folder: Path) -> Path:
                    "name>/; the committed results in docs/quality/ are rewritten only with --out docs/quality).")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Cache of per-row samples (default <engines>.eval-cache next to the export); --work '' disables it.")
-@click.option("--trust-artifacts", is_flag=True,
-              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
-              "for exports you made or trust. Without it auto uses ONNX Runtime.")
+@TRUST_ARTIFACTS_OPTION
 @click.option("--weights", type=click.Path(file_okay=False), default=None,
               help="The weights folder the export was made from, for the PyTorch rows (needed when it was exported "
                    "from a local folder, deltadit-export --weights; checked against its weights fingerprint).")
-@click.option("--no-verify", is_flag=True,
-              help="Load the engines without checking their sha256 against the manifest (files you changed on "
-                   "purpose); names and locations are still checked.")
+@NO_VERIFY_OPTION
 @verbosity_options
 @version_option
 def main(engines, samples_per_digit, seed, num_steps, guidance, repeats, threads, gen_threads, only, no_hooks,

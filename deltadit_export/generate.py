@@ -33,7 +33,7 @@ import torch
 from runtime.schedule import POLICY_NAMES
 
 from . import sample_rows
-from .cli_types import GUIDANCE, REPEATS, SEED, THREADS, Command
+from .cli_types import GUIDANCE, NO_VERIFY_OPTION, REPEATS, SEED, THREADS, TRUST_ARTIFACTS_OPTION, Command
 from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
 from .imaging import comparison_image, grid_image, psnr, save_png, to_uint8
 from .models import check_prompt, model_guidance
@@ -103,15 +103,11 @@ def ensure_export(folder: str | Path, *, model: str = DEFAULT_MODEL, max_batch: 
 @click.option("--no-timing", is_flag=True, help="Skip the latency comparison.")
 @click.option("--threads", type=THREADS, default=None,
               help="CPU threads of ONNX Runtime and PyTorch (default: all this process may use).")
-@click.option("--trust-artifacts", is_flag=True,
-              help="Allow backends whose artifacts can run code when loaded (TensorRT plans, torch .pt2 programs): only "
-              "for exports you made or trust. Without it auto uses ONNX Runtime.")
+@TRUST_ARTIFACTS_OPTION
 @click.option("--weights", type=click.Path(file_okay=False), default=None,
               help="The weights folder the export was made from, for the PyTorch eager timing (needed when it was "
                    "exported from a local folder, deltadit-export --weights; checked against its weights fingerprint).")
-@click.option("--no-verify", is_flag=True,
-              help="Load the engines without checking their sha256 against the manifest (files you changed on "
-                   "purpose); names and locations are still checked.")
+@NO_VERIFY_OPTION
 @verbosity_options
 @version_option
 def main(engines, prompts, samples, seed, num_steps, guidance, policy, out, repeats, no_timing, threads,
