@@ -11,15 +11,13 @@ ONNX Runtime's CUDA provider.
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tiny import TINY_PIXART_SET, export_tiny, rebuild_model, tiny_dit
+from tiny import TINY_PIXART_SET, edited_copy, export_tiny, rebuild_model, tiny_dit
 
 from deltadit_export import backends as B
 from deltadit_export.split import diffusers_forward, model_shape, random_model_inputs, run_segments, split_model
@@ -79,13 +77,6 @@ def ort_rt(torch_export):
     return DeltaDiTRuntime(torch_export, backend="onnxruntime")
 
 
-def edited_copy(src: Path, dst: Path, edit) -> Path:
-    """A copy of an export folder with its manifest dict changed by ``edit``."""
-    shutil.copytree(src, dst)
-    d = json.loads((dst / "manifest.json").read_text())
-    edit(d)
-    (dst / "manifest.json").write_text(json.dumps(d))
-    return dst
 
 
 # ---------------------------------------------------------------- optimization profile and names

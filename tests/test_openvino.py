@@ -15,7 +15,6 @@ Tolerances (max |a − b| / max |b| of one transformer call):
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install 'deltadit[openvino]' "
                                             "(tools/setup.sh installs it)")
 
-from tiny import export_tiny, rebuild_model  # noqa: E402
+from tiny import edited_copy, export_tiny, rebuild_model  # noqa: E402
 
 from deltadit_export.quantize import INT8_TOLERANCE  # noqa: E402
 from deltadit_export.split import diffusers_forward, model_shape, random_model_inputs  # noqa: E402
@@ -172,12 +171,6 @@ def test_a_cpu_without_bf16_gets_fp32_and_says_so(monkeypatch):
         OpenVinoBackend(inference_precision="bf16")
 
 
-def _copy_with(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    d = json.loads((dst / "manifest.json").read_text())
-    edit(d)
-    (dst / "manifest.json").write_text(json.dumps(d))
-    return dst
 
 
 def test_weights_the_manifest_does_not_hash_are_refused(pixart_export, tmp_path):
@@ -185,7 +178,7 @@ def test_weights_the_manifest_does_not_hash_are_refused(pixart_export, tmp_path)
     def unlist(d):
         d["segments"][1]["extra_files"] = []
         d["segments"][1]["extra_sha256"] = {}
-    folder = _copy_with(pixart_export, tmp_path / "x", unlist)
+    folder = edited_copy(pixart_export, tmp_path / "x", unlist)
     with pytest.raises(ManifestError, match=r"segment 'front': .*front.onnx keeps the data of tensor .* in "
                                             r"'front.onnx.data', which is not one of the segment's hashed weight files"):
         DeltaDiTRuntime(folder, backend="openvino", threads=1)
@@ -194,7 +187,7 @@ def test_weights_the_manifest_does_not_hash_are_refused(pixart_export, tmp_path)
 def test_only_onnx_files_are_read(pixart_export, tmp_path):
     def rename(d):
         d["segments"][1]["file"] = "front.xml"
-    folder = _copy_with(pixart_export, tmp_path / "x", rename)
+    folder = edited_copy(pixart_export, tmp_path / "x", rename)
     shutil.copy(folder / "front.onnx", folder / "front.xml")
     with pytest.raises(BackendError, match="front.xml is not an .onnx file; the openvino backend reads the export's "
                                            "ONNX segments only"):

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import copy_export, edit_manifest
+
 from runtime import DeltaDiTRuntime, GenerationError, InputError, ManifestError, NonFiniteError, generate
 from runtime.backends import BackendError
 from runtime.dropin import DeltaDiTTransformer
@@ -23,17 +25,6 @@ from runtime.manifest import MANIFEST_NAME, load_manifest
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def copy_export(src: Path, tmp_path: Path, name: str = "eng") -> Path:
-    dst = tmp_path / name
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_manifest(folder: Path, fn) -> None:
-    path = folder / MANIFEST_NAME
-    d = json.loads(path.read_text())
-    fn(d)
-    path.write_text(json.dumps(d))
 
 
 def pix_inputs(rt: DeltaDiTRuntime, batch: int = 1, seed: int = 0, t: float = 500.0, **override):

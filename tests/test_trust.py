@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import TINY_PIXART_SET, set_args
+from tiny import TINY_PIXART_SET, copy_export, edit_manifest, set_args
 
 from runtime import DeltaDiTRuntime, ManifestError, ScheduleError, generate, load_manifest
 from runtime.backends import BackendError
@@ -31,17 +31,8 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def copy_export(src: Path, tmp_path: Path, name: str = "eng") -> Path:
-    dst = tmp_path / name
-    shutil.copytree(src, dst)
-    return dst
 
 
-def edit_manifest(folder: Path, fn) -> dict:
-    d = json.loads((folder / MANIFEST_NAME).read_text())
-    fn(d)
-    (folder / MANIFEST_NAME).write_text(json.dumps(d))
-    return d
 
 
 class SpyBackend:

@@ -22,10 +22,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny import edit_manifest
 
 from deltadit_export.models import PACKAGE_WEIGHTS, ModelError
 from deltadit_export.rebuild import WeightsNotNamed, rebuild_model, resolve_weights
-from runtime.manifest import MANIFEST_NAME, load_manifest
+from runtime.manifest import load_manifest
 
 SHIPPED = PACKAGE_WEIGHTS / "pixart-digits" / "transformer"
 PROMPT = "a handwritten digit 3"
@@ -79,10 +80,6 @@ def warnings_of_deltadit():
         logger.removeHandler(handler)
 
 
-def edit_manifest(folder: Path, fn) -> None:
-    d = json.loads((folder / MANIFEST_NAME).read_text())
-    fn(d)
-    (folder / MANIFEST_NAME).write_text(json.dumps(d))
 
 
 def pickled_weights(folder: Path, marker: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,3 +67,31 @@ def rebuild_model(out: Path):
     src = m.model["source"]
     return build_model(get_spec(m.model["name"]), WeightsSource("random", seed=src.get("seed", 0)),
                        m.model["config"])
+
+
+# ---------------------------------------------------------------- copies of exports, for tests that damage them
+
+
+def copy_export(src: Path, tmp_path: Path, name: str = "eng") -> Path:
+    """A copy of the export ``src`` at ``tmp_path/name`` (the shared session exports stay read-only)."""
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(folder: Path, fn) -> dict:
+    """Change the manifest dict of ``folder`` in place with ``fn``; returns the edited dict."""
+    from runtime.manifest import MANIFEST_NAME
+
+    path = folder / MANIFEST_NAME
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+    return d
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of an export folder at ``dst`` with its manifest dict changed by ``edit``."""
+    shutil.copytree(src, dst)
+    edit_manifest(dst, edit)
+    return dst
