@@ -242,7 +242,7 @@ EXPORT_FLAGS = {  # click parameter name -> flag, for "--engines excludes these"
 def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) -> Path:
     """--engines DIR as is; otherwise export with the model flags (reusing an identical export) or the defaults."""
     from .cli import user_errors
-    from .export_options import ExportOptions
+    from .export_options import ExportOptions, ReplaceRefused
     from .exporter import export
     from .model_config import parse_overrides
     from .models import DEFAULT_MODEL
@@ -265,12 +265,10 @@ def _engines_folder(ctx: click.Context, engines: str | None, p: dict[str, Any]) 
         log.info("%s", "exporting with the model flags, or reusing an identical earlier export" if given else
                  f"no --engines and no model flags: the default export of {options.model}")
         result = export(options, Progress(stream=sys.stderr, quiet=quiet()))
+    except ReplaceRefused as exc:  # e.g. a calibrated export in the default folder: it can be benchmarked as it is
+        raise click.ClickException(f"{exc}, or benchmark that export as it is with --engines {exc.out}") from None
     except user_errors() as exc:
-        message = str(exc)
-        held = message.partition(" holds an export made with other options")
-        if held[1]:  # e.g. a calibrated export in the default folder: it can be benchmarked as it is
-            message += f", or benchmark that export as it is with --engines {held[0]}"
-        raise click.ClickException(message) from None
+        raise click.ClickException(str(exc)) from None
     log.info("%s", result.summary())
     return result.out
 

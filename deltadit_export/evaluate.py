@@ -251,7 +251,7 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
     from runtime.schedule import ScheduleError
 
     from .cli import user_errors
-    from .export_options import ExportOptions, OptionError
+    from .export_options import ExportOptions, ReplaceRefused
     from .exporter import check_replaceable, export
     from .progress import Progress
     from .sampling import stale_extras
@@ -268,9 +268,9 @@ def open_engines(engines: str | None, gen_threads: int, trust_artifacts: bool = 
                 opts = dataclasses.replace(opts, force=True)
             try:
                 check_replaceable(opts)
-            except OptionError as exc:  # eval's own folder, made with other options (another version's defaults)
+            except ReplaceRefused as exc:  # eval's own folder, made with other options (another version's defaults)
                 log.info("%s was exported with other options than eval's (%s): re-exporting it", folder,
-                         str(exc).split("(", 1)[1].split(")", 1)[0])
+                         "; ".join(exc.changes))
                 opts = dataclasses.replace(opts, force=True)
             res = export(opts, Progress(stream=sys.stderr, quiet=quiet()))
             if not res.reused:

@@ -358,7 +358,13 @@ def option_changes(existing: dict[str, Any], wanted: dict[str, Any], ignore: tup
     return changes
 
 
-def replace_refusal(out: Path, changes: list[str]) -> str:
-    return (f"{out} holds an export made with other options ({'; '.join(changes)}); an export is never replaced "
-            "by one with other options without --force: pass --force to replace it, or --out another folder to "
-            "keep both")
+class ReplaceRefused(OptionError):
+    """``out`` holds an export made with other options (``changes``, as flags: old → new), and --force was not
+    given. Callers with a policy of their own (eval re-exports its own folder, bench offers --engines) read the
+    fields, not the message."""
+
+    def __init__(self, out: Path, changes: list[str]):
+        self.out, self.changes = Path(out), list(changes)
+        super().__init__(f"{out} holds an export made with other options ({'; '.join(changes)}); an export is never "
+                         "replaced by one with other options without --force: pass --force to replace it, or --out "
+                         "another folder to keep both")

@@ -21,7 +21,7 @@ from runtime.integrity import verify_companion_files, verify_segment_files
 
 from . import export_build
 from .export_options import (
-    ExportOptions, OptionError, ResolvedExport, option_changes, recorded_options, replace_refusal, resolve,
+    ExportOptions, OptionError, ReplaceRefused, ResolvedExport, option_changes, recorded_options, resolve,
 )
 from .export_report import ExportResult
 from .folder_lock import acquire, release
@@ -109,7 +109,7 @@ def check_replaceable(options: ExportOptions, ignore: tuple[str, ...] = ()) -> N
     existing = _existing_options(job.out)
     changes = option_changes(existing, job.record, ignore) if existing is not None else []
     if changes:
-        raise OptionError(replace_refusal(job.out, changes))
+        raise ReplaceRefused(job.out, changes)
 
 
 def export(options: ExportOptions, progress: Progress | None = None,
@@ -142,7 +142,7 @@ def _export_locked(job: ResolvedExport, progress: Progress, on_model_loaded, t0:
         recorded = _existing_options(job.out)
         changes = option_changes(recorded, job.record) if recorded is not None else []
         if changes:  # same options, other weights or versions: rebuilt; other options: the user's call
-            raise OptionError(replace_refusal(job.out, changes))
+            raise ReplaceRefused(job.out, changes)
     tmp: Path | None = None
     try:
         tmp = staging_dir(job.out)
