@@ -35,6 +35,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from runtime.cli_options import CONTEXT_SETTINGS, version_option
+
 from . import bench_rows as bench_rows_mod
 from .bench_baseline import (
     DEFAULT_PROMPT, default_boundary, ideal_bound, make_inputs, make_scheduler, reference_delta_dit, step_kind,
@@ -45,7 +47,7 @@ from .cli_types import (
     GUIDANCE_HINT, NO_VERIFY_OPTION, REPEATS, SEED, THREADS, TRUST_ARTIFACTS_OPTION, WARMUP, Command, FiniteFloat,
     check_steps,
 )
-from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
+from .console import log, quiet, verbosity_options
 from .models import check_prompt
 from .publish import check_writable, write_file
 from .rebuild import WeightsNotNamed, rebuild_model, resolve_weights

@@ -9,11 +9,12 @@ import sys
 import click
 
 from runtime.backends import BackendError
+from runtime.cli_options import CONTEXT_SETTINGS, version_option
 from runtime.manifest import ManifestError
 from runtime.schedule import POLICY_NAMES, ScheduleError, build_schedule, default_cached_blocks
 
 from .cli_types import SEED, Command, FiniteFloat, user_error_types
-from .console import CONTEXT_SETTINGS, quiet, verbosity_options, version_option
+from .console import quiet, verbosity_options
 from .model_config import parse_overrides
 from .models import DEFAULT_MODEL, DEFAULT_SCHEDULE, REGISTRY, ModelError
 from .progress import Progress

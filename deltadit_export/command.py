@@ -15,8 +15,9 @@ import importlib
 
 import click
 
+from runtime.cli_options import CONTEXT_SETTINGS, version_option
+
 from .cli_types import Command, Group
-from .console import CONTEXT_SETTINGS, version_option
 from .timing import prefer_passive_wait
 
 # name -> (module, attribute names to try, one-line help shown by `deltadit --help` without importing)

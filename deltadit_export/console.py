@@ -75,9 +75,8 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: 
                 dynamic_ncols=True, mininterval=0.5)
 
 
-# ---------------------------------------------------------------- command-line options shared by every tool
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# ---------------------------------------------------------------- -v/-q, shared by every tool
+# (-h and --version: runtime/cli_options.py, shared with the runtime's own commands)
 
 
 def _set_level(ctx, param, value):
@@ -96,30 +95,3 @@ def verbosity_options(f):
     return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_level,
                         help="Only warnings and errors: no progress bars or notes (tables and results still "
                              "print).")(f)
-
-
-def installed_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("deltadit")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
-def _show_version(ctx, param, value):
-    if not value or ctx.resilient_parsing:
-        return
-    import click
-
-    # Not click.version_option: it keeps the first program name it printed for every later call in the process.
-    click.echo(f"{ctx.find_root().info_name} {installed_version()}")
-    ctx.exit()
-
-
-def version_option(f):
-    """``--version``: the program name as invoked and the installed deltadit version."""
-    import click
-
-    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
-                        help="Show the version and exit.")(f)

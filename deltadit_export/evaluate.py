@@ -57,8 +57,10 @@ import click
 import numpy as np
 import torch
 
+from runtime.cli_options import CONTEXT_SETTINGS, version_option
+
 from .cli_types import GUIDANCE, NO_VERIFY_OPTION, REPEATS, SEED, THREADS, TRUST_ARTIFACTS_OPTION, Command, check_steps
-from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
+from .console import log, quiet, verbosity_options
 from .eval_hooks import HOOK_ROWS
 from .eval_metrics import CLASSIFIER_SEED, feature_stats, frechet_distance_from_stats, reference_classifier
 from .eval_report import (

@@ -30,11 +30,12 @@ from pathlib import Path
 import click
 import torch
 
+from runtime.cli_options import CONTEXT_SETTINGS, version_option
 from runtime.schedule import POLICY_NAMES
 
 from . import sample_rows
 from .cli_types import GUIDANCE, NO_VERIFY_OPTION, REPEATS, SEED, THREADS, TRUST_ARTIFACTS_OPTION, Command
-from .console import CONTEXT_SETTINGS, log, quiet, verbosity_options, version_option
+from .console import log, quiet, verbosity_options
 from .imaging import comparison_image, grid_image, psnr, save_png, to_uint8
 from .models import check_prompt, model_guidance
 from .publish import check_writable

@@ -12,12 +12,10 @@ import sys
 
 import click
 
+from .cli_options import CONTEXT_SETTINGS, version_option
 from .integrity import verify_companion_files, verify_segment_files
 from .manifest import ManifestError, load_manifest
 from .schedule import POLICY_NAMES, ScheduleError, build_schedule, scaled_boundary
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
 
 class OneErrorLineGroup(click.Group):
     """Every failure is one ``Error:`` line: the manifest's own errors with their message, anything else (a bug)
@@ -68,25 +66,6 @@ def plan(folder: str, policy: str, steps: int | None, interval: int | None, boun
         boundary = scaled_boundary(d["boundary"], d["num_steps"], steps)
     return build_schedule(policy, num_steps=steps, num_layers=m.num_layers, cached_blocks=m.cached_blocks,
                           interval=interval if interval is not None else d["interval"], boundary=boundary).format()
-
-
-def _show_version(ctx, param, value):
-    if not value or ctx.resilient_parsing:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("deltadit")
-    except PackageNotFoundError:
-        v = "unknown (not installed)"
-    click.echo(f"{ctx.find_root().info_name} {v}")
-    ctx.exit()
-
-
-def version_option(f):
-    """``--version`` (click's own keeps the first program name it printed for every later call in a process)."""
-    return click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
-                        help="Show the version and exit.")(f)
 
 
 @click.group(name="runtime", cls=OneErrorLineGroup, context_settings=CONTEXT_SETTINGS)

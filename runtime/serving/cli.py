@@ -20,7 +20,7 @@ import threading
 
 import click
 
-from ..__main__ import CONTEXT_SETTINGS, version_option  # -h and --version, as every deltadit command
+from ..cli_options import CONTEXT_SETTINGS, version_option  # -h and --version, as every deltadit command
 from ..schedule import POLICY_NAMES
 
 log = logging.getLogger("deltadit.serving")
