@@ -55,6 +55,7 @@ from .calibration_sampling import (  # noqa: F401  (the calibration's public nam
     BlockStepper, CalibrationInputs, calibration_inputs, per_sample_psnr, sample, sample_many,
 )
 from .console import bar
+from .export_options import extras_root
 from .models import model_guidance
 from .timing import Elapsed, Stopwatch
 
@@ -263,7 +264,7 @@ def scheduler_config_for(spec, source) -> dict:
     model (the exporter copies it next to the engines), else the runtime's default."""
     from runtime.sampling import default_scheduler
 
-    root = _bundled_root(spec, source)
+    root = extras_root(spec, source)
 
     class _R:
         pass
@@ -271,16 +272,6 @@ def scheduler_config_for(spec, source) -> dict:
     r = _R()
     r.root = root
     return dict(default_scheduler(r).config)
-
-
-def _bundled_root(spec, source) -> Path | None:
-    if not spec.bundled:
-        return None
-    if source.kind == "bundled":
-        return Path(source.path).parent
-    from .models import PACKAGE_WEIGHTS
-
-    return PACKAGE_WEIGHTS / spec.bundled
 
 
 def calibrate_export_options(options, *, psnr_budget: float = DEFAULT_PSNR_BUDGET, num_prompts: int = DEFAULT_PROMPTS,
@@ -299,7 +290,7 @@ def calibrate_export_options(options, *, psnr_budget: float = DEFAULT_PSNR_BUDGE
     job = resolve(options)
     torch.set_grad_enabled(False)
     model = build_model(job.spec, job.source, job.config)
-    root = _bundled_root(job.spec, job.source)
+    root = extras_root(job.spec, job.source)
     inputs = calibration_inputs(job.spec, model, num_prompts, guidance=model_guidance(job.spec.name),
                                 text_encoder_dir=root / "text_encoder" if root else None)
     T = job.schedule["num_steps"]
