@@ -6,6 +6,7 @@ import importlib.util
 import io
 import os
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -99,3 +100,13 @@ def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def all_at_once(send, items) -> None:
+    """``send(item)`` for every item, each in its own thread started before any is joined: concurrent requests
+    that the server's batcher can join."""
+    threads = [threading.Thread(target=send, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from runtime.serving.client import RayClient
-from serving_support import GUIDANCE, PROMPT, free_port, reference_alone, require_ray
+from serving_support import GUIDANCE, PROMPT, all_at_once, free_port, reference_alone, require_ray
 
 SEEDS = list(range(20))
 START_TIMEOUT = 400  # seconds: Ray's start on a loaded 2-core machine, plus two replicas loading the engines
@@ -96,11 +95,7 @@ def test_twenty_concurrent_seeds_equal_the_seeds_alone(ray_server, alone):
     def send(seed):
         replies[seed] = _post(ray_server, {"prompt": PROMPT.format(seed % 10), "seed": seed, "guidance": GUIDANCE})
 
-    threads = [threading.Thread(target=send, args=(s,)) for s in SEEDS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(send, SEEDS)
     for seed in SEEDS:
         reply = replies[seed]
         assert reply.ok and reply.headers["content-type"] == "image/png", reply.body[:300]

@@ -13,7 +13,7 @@ import pytest
 
 from runtime.serving.client import TritonClient
 from runtime.serving.triton_repo import MARKER, RepoOptions, RepositoryError, write_repository
-from serving_support import GUIDANCE, PROMPT, free_port, reference_alone, require_triton, states_alone
+from serving_support import GUIDANCE, PROMPT, all_at_once, free_port, reference_alone, require_triton, states_alone
 
 SEEDS = list(range(20))
 
@@ -100,11 +100,7 @@ def test_twenty_concurrent_seeds_equal_the_seeds_alone(triton, alone):
     def send(seed):
         replies[seed] = _request(triton, prompt=PROMPT.format(seed % 10), seed=seed, guidance=GUIDANCE)
 
-    threads = [threading.Thread(target=send, args=(s,)) for s in SEEDS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(send, SEEDS)
     with TritonClient(triton.url) as client:
         after = client.stats()
     for seed in SEEDS:
@@ -200,11 +196,7 @@ def test_caption_states_model_needs_negatives_and_batches_them(triton, pixart_ex
             ready.wait()
             replies[seed] = c.infer(bodies[seed])
 
-    threads = [threading.Thread(target=send, args=(s,)) for s in cases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(send, cases)
     with TritonClient(triton.url, model="pixart") as client:
         after = client.stats()
     for seed, fields in cases.items():
